@@ -1,0 +1,507 @@
+"""Tests for vit_model.py. `pytest test_model.py` runs them; `python test_model.py` prints the
+model structure, a shape trace of one forward pass and the parameter table."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from vit_model import (
+    CIFAR_PRESETS,
+    Attention,
+    Block,
+    DropPath,
+    MLP,
+    PatchEmbed,
+    ViTConfig,
+    VisionTransformer,
+    convert_jax_state_dict,
+    convert_torchvision_state_dict,
+    load_jax_npz,
+    load_state_dict_checked,
+    load_torchvision_pretrained,
+    resize_pos_embed,
+    sincos_pos_embed_2d,
+    vit_base,
+    vit_cifar,
+    vit_huge,
+    vit_large,
+)
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def tiny(**kw) -> VisionTransformer:
+    cfg = dict(img_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=2, num_heads=4)
+    return VisionTransformer(**{**cfg, **kw})
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vit_b16() -> VisionTransformer:
+    torch.manual_seed(0)
+    return vit_base().eval()
+
+
+def test_vit_b16_shapes_at_every_stage(vit_b16):
+    x = torch.randn(2, 3, 224, 224)  # (B, 3, 224, 224)
+    with torch.no_grad():
+        patches = vit_b16.patch_embed(x)
+        assert patches.shape == (2, 196, 768)  # 14 x 14 patches of 16 x 16 x 3
+        tokens, attns = vit_b16.forward_features(x, return_attention=True)
+        assert tokens.shape == (2, 197, 768)  # [CLS] + 196 patches through the encoder
+        assert len(attns) == 12 and all(a.shape == (2, 12, 197, 197) for a in attns)
+        pooled = vit_b16.forward_head(tokens, pre_logits=True)
+        assert pooled.shape == (2, 768)
+        assert vit_b16.forward_head(tokens).shape == (2, 1000)
+        assert vit_b16(x).shape == (2, 1000)
+
+
+def test_each_module_alone():
+    x = torch.randn(3, 3, 32, 32)
+    assert PatchEmbed(32, 4, 3, 48)(x).shape == (3, 64, 48)
+    z = torch.randn(3, 65, 48)
+    out, attn = Attention(48, num_heads=6)(z, return_attention=True)
+    assert out.shape == (3, 65, 48) and attn.shape == (3, 6, 65, 65)
+    assert MLP(48, 96)(z).shape == (3, 65, 48)
+    out, attn = Block(48, 6)(z)
+    assert out.shape == (3, 65, 48) and attn is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts (meta device: no memory allocated)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("factory, expected", [
+    (vit_base, 86_567_656), (vit_large, 304_326_632), (vit_huge, 632_045_800)])
+def test_paper_parameter_counts(factory, expected):
+    with torch.device("meta"):
+        model = factory()
+    assert n_params(model) == expected
+
+
+@pytest.mark.parametrize("D", [768, 1024, 1280, 192])
+def test_block_parameter_formula(D):
+    # qkv: 3D^2 + 3D, proj: D^2 + D, fc1: 4D^2 + 4D, fc2: 4D^2 + D, two LayerNorms: 4D
+    with torch.device("meta"):
+        block = Block(D, num_heads=D // 64)
+    assert n_params(block) == 12 * D * D + 13 * D
+
+
+def test_total_parameter_formula_for_every_preset():
+    for name in CIFAR_PRESETS:
+        model = vit_cifar(name)
+        c = model.config
+        D, P, C = c.embed_dim, c.patch_size, c.in_chans
+        hidden = int(D * c.mlp_ratio)
+        block = 4 * D * D + 4 * D + 2 * D * hidden + hidden + D + 4 * D
+        expected = (C * P * P * D + D) + D + c.num_tokens * D + c.depth * block + 2 * D + D * 10 + 10
+        assert n_params(model) == expected, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence with independent computations
+# ---------------------------------------------------------------------------------------------
+
+def test_patch_embed_is_a_linear_map_of_flattened_patches():
+    torch.manual_seed(0)
+    pe = PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=20)
+    x = torch.randn(2, 3, 32, 32)
+    # cut 8x8 patches by hand, row-major, each flattened as (C, P, P)
+    patches = x.unfold(2, 8, 8).unfold(3, 8, 8)  # (B, C, 4, 4, 8, 8)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(2, 16, 3 * 8 * 8)  # (B, N, C*P*P)
+    E = pe.proj.weight.reshape(20, -1)  # (D, C*P*P)
+    expected = patches @ E.T + pe.proj.bias
+    torch.testing.assert_close(pe(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_attention_equals_explicit_formula():
+    torch.manual_seed(0)
+    attn = Attention(64, num_heads=4).eval()
+    x = torch.randn(3, 17, 64)
+    fused, none = attn(x)
+    explicit, weights = attn(x, return_attention=True)
+    assert none is None
+    assert (fused - explicit).abs().max() < 1e-5
+    # and both equal softmax(q k^T / sqrt(d)) v written from scratch on the raw weights
+    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).chunk(3, dim=-1)
+    heads = [slice(h * 16, (h + 1) * 16) for h in range(4)]
+    out = torch.cat([torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / 4.0, -1) @ v[..., s]
+                     for s in heads], dim=-1)
+    torch.testing.assert_close(explicit, out @ attn.proj.weight.T + attn.proj.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rows_sum_to_one_and_model_returns_every_layer():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    x = torch.randn(2, 3, 16, 16)
+    logits, attns = model(x, return_attention=True)
+    torch.testing.assert_close(logits, model(x), atol=1e-5, rtol=1e-5)  # fused path, same answer
+    assert len(attns) == 2
+    for a in attns + model.get_attention_maps(x):
+        assert a.shape == (2, 4, 17, 17)
+        assert (a >= 0).all()
+        torch.testing.assert_close(a.sum(-1), torch.ones(2, 4, 17))
+
+
+def test_matches_torchvision_vit_b_16():
+    torch.manual_seed(0)
+    ref = torchvision.models.vit_b_16().eval()
+    with torch.no_grad():  # torchvision zero-initialises its head; randomise it to test the mapping
+        ref.heads.head.weight.normal_(std=0.02)
+        ref.heads.head.bias.normal_(std=0.02)
+    model = vit_base().eval()
+    load_state_dict_checked(model, convert_torchvision_state_dict(ref.state_dict()))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        diff = (model(x) - ref(x)).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_matches_torchvision_with_pre_logits_and_legacy_keys():
+    torch.manual_seed(0)
+    ref = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=16, mlp_dim=40, num_classes=7,
+                                               representation_size=12).eval()
+    with torch.no_grad():
+        ref.heads.head.weight.normal_()
+    sd = {k.replace("mlp.0.", "mlp.linear_1.").replace("mlp.3.", "mlp.linear_2."): v
+          for k, v in ref.state_dict().items()}  # the layout of older torchvision files
+    model = VisionTransformer(img_size=32, patch_size=8, depth=2, num_heads=2, embed_dim=16,
+                              mlp_ratio=2.5, num_classes=7, representation_size=12).eval()
+    load_state_dict_checked(model, convert_torchvision_state_dict(sd))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - ref(x)).abs().max() < 1e-5
+
+
+def _jax_checkpoint(D=8, H=2, depth=2, P=4, img=8, C=3, K=3, M=16, seed=0) -> dict[str, np.ndarray]:
+    """Random arrays with the names and layouts of Google's ViT .npz files."""
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.normal(size=s).astype(np.float32) * 0.3  # noqa: E731
+    N = (img // P) ** 2 + 1
+    a = {"embedding/kernel": r(P, P, C, D), "embedding/bias": r(D), "cls": r(1, 1, D),
+         "Transformer/posembed_input/pos_embedding": r(1, N, D),
+         "Transformer/encoder_norm/scale": 1 + r(D), "Transformer/encoder_norm/bias": r(D),
+         "head/kernel": r(D, K), "head/bias": r(K)}
+    for i in range(depth):
+        p = f"Transformer/encoderblock_{i}/"
+        for ln in ("LayerNorm_0", "LayerNorm_2"):
+            a[p + ln + "/scale"], a[p + ln + "/bias"] = 1 + r(D), r(D)
+        for n in ("query", "key", "value"):
+            a[p + f"MultiHeadDotProductAttention_1/{n}/kernel"] = r(D, H, D // H)
+            a[p + f"MultiHeadDotProductAttention_1/{n}/bias"] = r(H, D // H)
+        a[p + "MultiHeadDotProductAttention_1/out/kernel"] = r(H, D // H, D)
+        a[p + "MultiHeadDotProductAttention_1/out/bias"] = r(D)
+        a[p + "MlpBlock_3/Dense_0/kernel"], a[p + "MlpBlock_3/Dense_0/bias"] = r(D, M), r(M)
+        a[p + "MlpBlock_3/Dense_1/kernel"], a[p + "MlpBlock_3/Dense_1/bias"] = r(M, D), r(D)
+    return a
+
+
+def _np_layernorm(x, scale, bias):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + 1e-6) * scale + bias
+
+
+def _np_gelu(x):
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def _np_jax_forward(a: dict[str, np.ndarray], img: np.ndarray, P: int) -> np.ndarray:
+    """The JAX model's forward pass written with numpy in the checkpoint's own layouts (NHWC)."""
+    B, Hh, Ww, C = img.shape
+    g = Hh // P
+    patches = img.reshape(B, g, P, g, P, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, g * g, P, P, C)
+    x = np.einsum("bnijc,ijcd->bnd", patches, a["embedding/kernel"]) + a["embedding/bias"]
+    x = np.concatenate([np.broadcast_to(a["cls"], (B, 1, x.shape[-1])), x], 1)
+    x = x + a["Transformer/posembed_input/pos_embedding"]
+    i = 0
+    while f"Transformer/encoderblock_{i}/LayerNorm_0/scale" in a:
+        p = f"Transformer/encoderblock_{i}/"
+        m = p + "MultiHeadDotProductAttention_1/"
+        y = _np_layernorm(x, a[p + "LayerNorm_0/scale"], a[p + "LayerNorm_0/bias"])
+        q, k, v = (np.einsum("bnd,dhk->bnhk", y, a[m + n + "/kernel"]) + a[m + n + "/bias"]
+                   for n in ("query", "key", "value"))
+        s = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(q.shape[-1])
+        w = np.exp(s - s.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        o = np.einsum("bhqt,bthk->bqhk", w, v)
+        x = x + np.einsum("bqhk,hkd->bqd", o, a[m + "out/kernel"]) + a[m + "out/bias"]
+        y = _np_layernorm(x, a[p + "LayerNorm_2/scale"], a[p + "LayerNorm_2/bias"])
+        y = _np_gelu(y @ a[p + "MlpBlock_3/Dense_0/kernel"] + a[p + "MlpBlock_3/Dense_0/bias"])
+        x = x + y @ a[p + "MlpBlock_3/Dense_1/kernel"] + a[p + "MlpBlock_3/Dense_1/bias"]
+        i += 1
+    x = _np_layernorm(x, a["Transformer/encoder_norm/scale"], a["Transformer/encoder_norm/bias"])
+    return x[:, 0] @ a["head/kernel"] + a["head/bias"]
+
+
+def test_google_npz_loads_and_matches_hand_computation(tmp_path):
+    arrays = _jax_checkpoint()
+    path = tmp_path / "ViT-tiny.npz"
+    np.savez(path, **arrays)
+    model = load_jax_npz(str(path), num_heads=2).eval()
+    assert model.config.depth == 2 and model.config.img_size == 8 and model.config.num_classes == 3
+    img = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    expected = _np_jax_forward(arrays, img, P=4)
+    with torch.no_grad():
+        got = model(torch.from_numpy(img).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    # one block alone: the converted block equals the hand computation of encoderblock_0
+    one = {k: v for k, v in arrays.items() if "encoderblock_1" not in k}
+    with torch.no_grad():
+        one_model = VisionTransformer(ViTConfig(img_size=8, patch_size=4, embed_dim=8, depth=1,
+                                                num_heads=2, mlp_ratio=2.0, num_classes=3)).eval()
+        load_state_dict_checked(one_model, convert_jax_state_dict(one))
+        got1 = one_model(torch.from_numpy(img).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(got1, _np_jax_forward(one, img, P=4), atol=1e-4, rtol=1e-4)
+
+
+def test_resize_pos_embed():
+    torch.manual_seed(0)
+    pe = torch.randn(1, 1 + 7 * 7, 16)
+    torch.testing.assert_close(resize_pos_embed(pe, 7), pe)  # same grid: identity
+    big = resize_pos_embed(pe, 12)
+    assert big.shape == (1, 1 + 144, 16)
+    torch.testing.assert_close(big[:, 0], pe[:, 0])  # the CLS slot is kept
+    # a constant field stays constant under interpolation
+    const = torch.ones(1, 1 + 49, 4) * 3.0
+    torch.testing.assert_close(resize_pos_embed(const, 10), torch.ones(1, 101, 4) * 3.0)
+
+
+def test_change_resolution_and_load_at_new_size():
+    torch.manual_seed(0)
+    model = vit_cifar("vit_cifar_tiny").eval()
+    model.set_image_size(48)  # Sec. 3.2: 8x8 -> 12x12 patch grid
+    assert model(torch.randn(2, 3, 48, 48)).shape == (2, 10)
+    assert model.pos_embed.shape == (1, 1 + 144, 128)
+    other = vit_cifar("vit_cifar_tiny", img_size=48).eval()
+    load_state_dict_checked(other, vit_cifar("vit_cifar_tiny").state_dict())  # 65 -> 145 tokens
+    assert other.pos_embed.shape == (1, 145, 128)
+    sincos = vit_cifar("vit_cifar_tiny", pos_embed="sincos")
+    sincos.set_image_size(48)
+    torch.testing.assert_close(sincos.pos_embed[0, 1:], sincos_pos_embed_2d(12, 128))
+
+
+def test_sincos_embedding_values():
+    pe = sincos_pos_embed_2d(4, 8)  # (16, 8): [sin y, cos y, sin x, cos x], 2 frequencies each
+    assert pe.shape == (16, 8)
+    torch.testing.assert_close(pe[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+    row1_col2 = pe[1 * 4 + 2]  # y = 1, x = 2, frequencies 1 and 0.01
+    expected = torch.tensor([math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01),
+                             math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02)])
+    torch.testing.assert_close(row1_col2, expected)
+    model = tiny(pos_embed="sincos")
+    assert "pos_embed" not in dict(model.named_parameters())
+    assert tiny(pos_embed="none").pos_embed is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Options, training behaviour, initialisation
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [dict(), dict(classifier="gap"), dict(pos_embed="sincos"),
+                                dict(representation_size=24), dict(drop_path_rate=0.2, drop_rate=0.1)])
+def test_every_parameter_gets_a_gradient(kw):
+    torch.manual_seed(0)
+    model = tiny(**kw).train()
+    with torch.no_grad():
+        model.head.weight.normal_()  # a zero head would stop the gradient to the body
+    model(torch.randn(4, 3, 16, 16)).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_gap_classifier_averages_tokens():
+    torch.manual_seed(0)
+    model = tiny(classifier="gap").eval()
+    assert model.cls_token is None
+    x = torch.randn(2, 3, 16, 16)
+    tokens, _ = model.forward_features(x)
+    assert tokens.shape == (2, 16, 32)
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens.mean(1))
+
+
+def test_eval_mode_is_deterministic_and_train_mode_is_not():
+    torch.manual_seed(0)
+    model = tiny(drop_rate=0.3, attn_drop_rate=0.3, drop_path_rate=0.3, patch_drop_rate=0.5)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), atol=0, rtol=0)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+def test_patch_dropout_keeps_cls_and_a_fraction_of_patches():
+    torch.manual_seed(0)
+    model = tiny(patch_drop_rate=0.75).train()
+    tokens, attns = model.forward_features(torch.randn(2, 3, 16, 16), return_attention=True)
+    assert tokens.shape == (2, 1 + 4, 32) and attns[0].shape == (2, 4, 5, 5)
+    model.eval()
+    assert model.forward_features(torch.randn(2, 3, 16, 16))[0].shape == (2, 17, 32)
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_mean():
+    torch.manual_seed(0)
+    dp = DropPath(0.25).train()
+    out = dp(torch.ones(4000, 3, 2))
+    per_sample = out.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1)).all()
+    assert abs(out.mean().item() - 1.0) < 0.05
+    assert torch.equal(dp.eval()(torch.ones(3, 2)), torch.ones(3, 2))
+
+
+def test_initialisation_follows_the_official_models():
+    torch.manual_seed(0)
+    model = vit_cifar("vit_cifar_small")
+    D = model.embed_dim
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+    assert torch.count_nonzero(model.cls_token) == 0
+    assert abs(model.pos_embed.std().item() - 0.02 * 0.88) < 0.002  # truncated at 2 std
+    for w in model.blocks[0].attn.qkv.weight.chunk(3):  # each D x D: xavier bound sqrt(6 / 2D)
+        bound = math.sqrt(6 / (2 * D))
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+    fc1 = model.blocks[0].mlp.fc1.weight
+    assert fc1.abs().max() <= math.sqrt(6 / (D + fc1.shape[0]))
+    assert all(torch.count_nonzero(b.attn.qkv.bias) == 0 for b in model.blocks)
+    w = model.patch_embed.proj.weight
+    assert abs(w.std().item() - math.sqrt(1 / w[0].numel())) < 0.1 * math.sqrt(1 / w[0].numel())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: ValueError that says what was expected and what arrived
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, match", [
+    ((3, 16, 16), r"4D image batch \(B, C, H, W\), got shape \(3, 16, 16\)"),
+    ((2, 1, 16, 16), "expected 3 input channels, got 1"),
+    ((2, 3, 24, 24), "expected images of 16x16, got 24x24.*set_image_size"),
+    ((2, 3, 18, 18), "expected images of 16x16, got 18x18.*not divisible by patch size 4"),
+])
+def test_bad_images_raise(shape, match):
+    with pytest.raises(ValueError, match=match):
+        tiny()(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(embed_dim=30, num_heads=4), r"embed_dim \(30\) must be divisible by num_heads \(4\)"),
+    (dict(classifier="mean"), "classifier must be one of .*'mean'"),
+    (dict(pos_embed="rope"), "pos_embed must be one of .*'rope'"),
+    (dict(img_size=18), r"img_size \(18\) must be divisible by patch_size \(4\)"),
+    (dict(drop_path_rate=1.5), r"drop_path_rate must be in \[0, 1\)"),
+])
+def test_bad_config_raises(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kw)
+
+
+def test_bad_state_dict_names_the_keys():
+    model = tiny()
+    sd = dict(model.state_dict())
+    del sd["blocks.1.mlp.fc2.bias"]
+    sd["blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError) as e:
+        load_state_dict_checked(model, sd)
+    msg = str(e.value)
+    assert "blocks.1.mlp.fc2.bias" in msg and "extra.weight" in msg
+    assert "blocks.0.attn.qkv.weight: expected (96, 32), got (5, 5)" in msg
+
+
+def test_skip_head_loads_body_for_new_classes():
+    src = tiny(num_classes=5)
+    dst = tiny(num_classes=3)
+    load_state_dict_checked(dst, src.state_dict(), skip_head=True)
+    torch.testing.assert_close(dst.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
+
+
+def test_pretrained_download_offline_fails_clearly(monkeypatch):
+    def no_network(self, *args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", no_network)
+    with pytest.raises(RuntimeError, match="could not download vit_b_16 IMAGENET1K_V1.*network access"):
+        load_torchvision_pretrained("vit_b_16")
+    with pytest.raises(ValueError, match="unknown torchvision ViT"):
+        load_torchvision_pretrained("vit_b_16", weights="NOPE")
+
+
+# ---------------------------------------------------------------------------------------------
+# `python test_model.py`: structure, shape trace, parameter table
+# ---------------------------------------------------------------------------------------------
+
+def shape_trace(model: VisionTransformer, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensor shape after each stage of one forward pass, read from the real forward."""
+    trace = [("input image", tuple(x.shape))]
+    hooks = [model.patch_embed.proj.register_forward_hook(
+        lambda m, i, o: trace.append(("patch_embed.proj (Conv2d, kernel=stride=P)", tuple(o.shape))))]
+    hooks.append(model.patch_embed.register_forward_hook(
+        lambda m, i, o: trace.append(("flatten + transpose: patch tokens (Eq. 1)", tuple(o.shape)))))
+    hooks.append(model.blocks[0].register_forward_pre_hook(
+        lambda m, i: trace.append(("+ [CLS], + pos_embed: z_0 (Eq. 1)", tuple(i[0].shape)))))
+    for j, blk in enumerate(model.blocks):
+        hooks.append(blk.register_forward_hook(
+            lambda m, i, o, j=j: trace.append((f"blocks.{j} (Eq. 2-3)", tuple(o[0].shape)))))
+    hooks.append(model.norm.register_forward_hook(
+        lambda m, i, o: trace.append(("norm (final LayerNorm)", tuple(o.shape)))))
+    hooks.append(model.head.register_forward_pre_hook(
+        lambda m, i: trace.append((f"{model.config.classifier} pooling: y (Eq. 4)", tuple(i[0].shape)))))
+    hooks.append(model.head.register_forward_hook(
+        lambda m, i, o: trace.append(("head: logits", tuple(o.shape)))))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return trace
+
+
+def parameter_table() -> list[tuple[str, ViTConfig, int]]:
+    rows = []
+    with torch.device("meta"):
+        for name, model in (("ViT-B/16", vit_base()), ("ViT-L/16", vit_large()), ("ViT-H/14", vit_huge())):
+            rows.append((name, model.config, n_params(model)))
+    for name in CIFAR_PRESETS:
+        model = vit_cifar(name)
+        rows.append((name, model.config, n_params(model)))
+    return rows
+
+
+def test_shape_trace_of_vit_b16(vit_b16):
+    trace = dict(shape_trace(vit_b16, torch.randn(1, 3, 224, 224)))
+    assert trace["patch_embed.proj (Conv2d, kernel=stride=P)"] == (1, 768, 14, 14)
+    assert trace["+ [CLS], + pos_embed: z_0 (Eq. 1)"] == (1, 197, 768)
+    assert trace["token pooling: y (Eq. 4)"] == (1, 768)
+    assert trace["head: logits"] == (1, 1000)
+
+
+if __name__ == "__main__":
+    model = vit_base()
+    print("ViT-B/16 structure:\n", model, "\n", sep="")
+    print("Shape trace of one forward pass, ViT-B/16, batch 2:")
+    for stage, shape in shape_trace(model, torch.randn(2, 3, 224, 224)):
+        print(f"  {stage:<48s} {shape}")
+    small = vit_cifar("vit_cifar_tiny")
+    print("\nShape trace, vit_cifar_tiny on 32x32, batch 2:")
+    for stage, shape in shape_trace(small, torch.randn(2, 3, 32, 32)):
+        print(f"  {stage:<48s} {shape}")
+    print(f"\n{'model':<16s}{'image':>6s}{'patch':>6s}{'layers':>7s}{'D':>6s}{'MLP':>6s}{'heads':>6s}"
+          f"{'tokens':>7s}{'parameters':>14s}")
+    for name, c, n in parameter_table():
+        print(f"{name:<16s}{c.img_size:>6d}{c.patch_size:>6d}{c.depth:>7d}{c.embed_dim:>6d}"
+              f"{int(c.embed_dim * c.mlp_ratio):>6d}{c.num_heads:>6d}{c.num_tokens:>7d}{n:>14,d}")

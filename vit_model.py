@@ -1,0 +1,591 @@
+"""Vision Transformer, written from scratch.
+
+Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale",
+ICLR 2021. Equation numbers (Eq. 1-4), sections and appendices refer to that paper.
+
+    x -> PatchEmbed (Eq. 1) -> [CLS; patches] + pos_embed (Eq. 1)
+      -> depth x Block (Eq. 2-3) -> LayerNorm -> CLS output or mean (Eq. 4) -> head
+
+Parameter names follow timm (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.norm1`,
+`blocks.{i}.attn.qkv`, ...), so timm, torchvision and Google JAX checkpoints map one to one
+(see `convert_torchvision_state_dict` and `convert_jax_state_dict`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CLASSIFIERS = ("token", "gap")
+POS_EMBEDS = ("learned", "sincos", "none")
+
+
+@dataclass
+class ViTConfig:
+    """Everything needed to rebuild a model; stored inside every checkpoint."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768  # D in the paper
+    depth: int = 12  # L in the paper
+    num_heads: int = 12  # k in the paper (Appendix A)
+    mlp_ratio: float = 4.0  # MLP size / D (Table 1)
+    qkv_bias: bool = True
+    drop_rate: float = 0.0  # dropout after every dense layer except qkv (Appendix B.1)
+    attn_drop_rate: float = 0.0  # dropout on the attention weights
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth
+    patch_drop_rate: float = 0.0  # training only: drop this fraction of patch tokens (PatchDropout)
+    classifier: str = "token"  # "token": [CLS] (Eq. 4); "gap": global average pooling (Appendix D.3)
+    pos_embed: str = "learned"  # "learned" | "sincos" (fixed 2D) | "none" (Appendix D.4)
+    representation_size: int | None = None  # pre-logits layer of the pre-training head (Sec. 3.1)
+
+    def __post_init__(self) -> None:
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+        if self.embed_dim % self.num_heads != 0:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.img_size % self.patch_size != 0:
+            raise ValueError(
+                f"img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})"
+            )
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate", "patch_drop_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length N through the encoder: patches plus [CLS] if used."""
+        return self.num_patches + (1 if self.classifier == "token" else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PatchEmbed(nn.Module):
+    """Eq. 1, x_p^i E: split the image into P x P patches and project each one to D dims.
+
+    A Conv2d with kernel = stride = P applies the same (D, C*P*P) matrix E to every
+    non-overlapping patch: exactly the paper's "linear projection of flattened patches".
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768) -> None:
+        super().__init__()
+        if img_size % patch_size != 0:
+            raise ValueError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected a 4D image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        if c != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
+        if h != self.img_size or w != self.img_size:
+            hint = (f"; {h}x{w} is not divisible by patch size {self.patch_size}"
+                    if h % self.patch_size or w % self.patch_size
+                    else "; call model.set_image_size() to change resolution (Sec. 3.2)")
+            raise ValueError(
+                f"expected images of {self.img_size}x{self.img_size}, got {h}x{w}{hint}"
+            )
+        x = self.proj(x)  # (B, D, H/P, W/P)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (Appendix A, Eq. 5-8) with one fused qkv projection."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads  # D_h = D / k
+        self.scale = self.head_dim**-0.5  # 1 / sqrt(D_h), Eq. 7
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # [q, k, v] = z U_qkv, Eq. 6
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)  # U_msa, Eq. 8
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Returns the output (B, N, D) and, if asked, the attention weights (B, heads, N, N)."""
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, D_h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, D_h)
+        if return_attention:
+            # Readable path, Eq. 7: A = softmax(q k^T / sqrt(D_h)), SA(z) = A v
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+            attn = attn.softmax(dim=-1)  # rows sum to 1
+            x = self.attn_drop(attn) @ v  # (B, h, N, D_h)
+        else:
+            # Fused kernel (flash / memory-efficient): same maths, no (N, N) matrix kept
+            attn = None
+            x = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
+            )  # (B, h, N, D_h)
+        x = x.transpose(1, 2).reshape(B, N, D)  # concatenate heads: (B, N, D)
+        x = self.proj_drop(self.proj(x))  # (B, N, D)
+        return x, attn
+
+
+class MLP(nn.Module):
+    """Two dense layers with an exact (erf) GELU between them (Sec. 3.1)."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()  # exact erf form, as the official models
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop1(self.act(self.fc1(x)))  # (B, N, mlp_dim)
+        return self.drop2(self.fc2(x))  # (B, N, D)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample (Huang et al., 2016)."""
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Block(nn.Module):
+    """One pre-norm Transformer encoder layer (Eq. 2-3)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop=drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        y, attn = self.attn(self.norm1(x), return_attention)
+        x = x + self.drop_path1(y)  # Eq. 2: z'_l = MSA(LN(z_{l-1})) + z_{l-1}
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))  # Eq. 3: z_l = MLP(LN(z'_l)) + z'_l
+        return x, attn  # (B, N, D), (B, h, N, N) or None
+
+
+def sincos_pos_embed_2d(grid_size: int, dim: int, temperature: float = 10000.0) -> Tensor:
+    """Fixed 2D sine-cosine position embedding (Appendix D.4), shape (grid_size**2, dim).
+
+    A quarter of the channels each for sin(y), cos(y), sin(x), cos(x), at frequencies
+    1 / temperature^(i / (dim/4)), as in the official big_vision code.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"embed_dim must be divisible by 4 for sincos position embedding, got {dim}")
+    coords = torch.arange(grid_size, dtype=torch.float32)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")  # (g, g) each, row-major like the patches
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    y = y.flatten()[:, None] * omega[None, :]  # (g*g, D/4)
+    x = x.flatten()[:, None] * omega[None, :]  # (g*g, D/4)
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)  # (g*g, D)
+
+
+def resize_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 1,
+                     mode: str = "bicubic") -> Tensor:
+    """Sec. 3.2: 2D-interpolate a learned position embedding to a new patch grid.
+
+    pos_embed: (1, num_prefix_tokens + g*g, D). The [CLS] slot is kept as it is; the g x g grid of
+    patch embeddings is resized to new_grid x new_grid. Returns (1, num_prefix_tokens + new_grid**2, D).
+    """
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"expected pos_embed of shape (1, N, D), got {tuple(pos_embed.shape)}")
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old_grid = math.isqrt(grid.shape[1])
+    if old_grid**2 != grid.shape[1]:
+        raise ValueError(f"{grid.shape[1]} patch positions do not form a square grid")
+    D = grid.shape[-1]
+    grid = grid.reshape(1, old_grid, old_grid, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+    grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode=mode, align_corners=False)
+    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, new_grid**2, D)  # (1, g'*g', D)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """ViT (Sec. 3.1). `forward(x)` gives logits; `forward(x, return_attention=True)` also gives
+    every layer's attention weights, a list of `depth` tensors of shape (B, heads, N, N)."""
+
+    def __init__(self, config: ViTConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        if config is not None and kwargs:
+            raise ValueError("pass either a ViTConfig or keyword arguments, not both")
+        self.config = cfg = config if config is not None else ViTConfig(**kwargs)
+        D = self.embed_dim = self.num_features = cfg.embed_dim
+        self.num_classes = cfg.num_classes
+        self.num_prefix_tokens = 1 if cfg.classifier == "token" else 0
+
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
+        # x_class (Eq. 1); absent for global average pooling (Appendix D.3)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.classifier == "token" else None
+        if cfg.pos_embed == "learned":  # E_pos (Eq. 1)
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D))
+        elif cfg.pos_embed == "sincos":
+            self.register_buffer("pos_embed", self._sincos(cfg.grid_size), persistent=False)
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear rule
+        self.blocks = nn.ModuleList([
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_rate, cfg.attn_drop_rate, dpr[i])
+            for i in range(cfg.depth)
+        ])
+        self.norm = nn.LayerNorm(D, eps=1e-6)  # LN before the head (Eq. 4)
+        if cfg.representation_size:  # pre-training head: one hidden layer with tanh (Sec. 3.1)
+            self.pre_logits = nn.Sequential(OrderedDict(
+                fc=nn.Linear(D, cfg.representation_size), act=nn.Tanh()))
+            self.num_features = cfg.representation_size
+        else:
+            self.pre_logits = nn.Identity()
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def _sincos(self, grid_size: int) -> Tensor:
+        pe = sincos_pos_embed_2d(grid_size, self.embed_dim)  # (g*g, D)
+        if self.num_prefix_tokens:
+            pe = torch.cat([pe.new_zeros(self.num_prefix_tokens, self.embed_dim), pe])  # CLS slot: 0
+        return pe.unsqueeze(0)  # (1, N, D)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialisation of the official JAX models (vit_jax/models_vit.py).
+
+        Linear weights: xavier-uniform, as the JAX Dense layers of the MLP and attention. q, k and v
+        are separate D x D kernels in JAX, so each third of our fused qkv gets xavier-uniform of its
+        own fan (xavier on the whole (3D, D) matrix would give a smaller bound). Biases: zero.
+        Patch embedding: LeCun normal (flax Conv default). Position embedding: truncated normal,
+        std 0.02. [CLS]: zeros. Classification head: zeros, so training starts from uniform logits.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for blk in self.blocks:
+            for w in blk.attn.qkv.weight.chunk(3, dim=0):  # W_q, W_k, W_v, each (D, D)
+                nn.init.xavier_uniform_(w)
+        w = self.patch_embed.proj.weight  # (D, C, P, P)
+        std = math.sqrt(1.0 / w[0].numel()) / 0.87962566  # unit variance after truncation at 2 std
+        nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that AdamW should not decay (besides biases and norms)."""
+        return {"pos_embed", "cls_token"}
+
+    def forward_features(self, x: Tensor, return_attention: bool = False
+                         ) -> tuple[Tensor, list[Tensor]]:
+        """(B, C, H, W) -> normalised tokens (B, N, D) and the per-layer attention (if asked)."""
+        x = self.patch_embed(x)  # (B, N_p, D), Eq. 1
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N_p + 1, D)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed  # (B, N, D), Eq. 1
+        x = self.pos_drop(x)
+        if self.training and self.config.patch_drop_rate > 0:
+            x = self._patch_dropout(x)  # (B, N', D), N' < N
+        attentions = []
+        for blk in self.blocks:
+            x, attn = blk(x, return_attention)  # (B, N, D), Eq. 2-3
+            if return_attention:
+                attentions.append(attn)  # (B, h, N, N)
+        return self.norm(x), attentions  # (B, N, D)
+
+    def _patch_dropout(self, x: Tensor) -> Tensor:
+        """Keep a random subset of patch tokens per sample, [CLS] always kept (Liu et al., 2022).
+
+        Cost is linear in the number of tokens, so dropping half of them about halves training
+        time; the position embedding was added before, so kept patches still know where they are.
+        """
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        B, N, D = patches.shape
+        keep = max(1, round(N * (1.0 - self.config.patch_drop_rate)))
+        idx = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :keep]  # (B, keep)
+        patches = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))  # (B, keep, D)
+        return torch.cat([prefix, patches], dim=1)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Normalised tokens (B, N, D) -> logits (B, num_classes), Eq. 4."""
+        x = x[:, 0] if self.config.classifier == "token" else x.mean(dim=1)  # (B, D): y = LN(z_L^0)
+        x = self.pre_logits(x)  # (B, representation_size) or (B, D)
+        return x if pre_logits else self.head(x)  # (B, num_classes)
+
+    def forward(self, x: Tensor, return_attention: bool = False
+                ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        feats, attentions = self.forward_features(x, return_attention)
+        logits = self.forward_head(feats)
+        return (logits, attentions) if return_attention else logits
+
+    def get_attention_maps(self, x: Tensor) -> list[Tensor]:
+        """Every layer's attention weights, `depth` tensors of shape (B, heads, N, N)."""
+        return self.forward_features(x, return_attention=True)[1]
+
+    def set_image_size(self, img_size: int) -> None:
+        """Sec. 3.2: run at a new resolution; a learned position embedding is 2D-interpolated."""
+        cfg = ViTConfig(**{**self.config.to_dict(), "img_size": img_size})  # validates divisibility
+        self.patch_embed.img_size = img_size
+        self.patch_embed.grid_size = cfg.grid_size
+        self.patch_embed.num_patches = cfg.num_patches
+        if isinstance(self.pos_embed, nn.Parameter):
+            new = resize_pos_embed(self.pos_embed.data, cfg.grid_size, self.num_prefix_tokens)
+            self.pos_embed = nn.Parameter(new)
+        elif self.pos_embed is not None:
+            self.pos_embed = self._sincos(cfg.grid_size).to(self.pos_embed)
+        self.config = cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Factories: Table 1 of the paper, and small presets for 32x32 images (CIFAR-10)
+# --------------------------------------------------------------------------------------------
+
+def _make(defaults: dict[str, Any], kwargs: dict[str, Any]) -> VisionTransformer:
+    return VisionTransformer(ViTConfig(**{**defaults, **kwargs}))
+
+
+def vit_base(patch_size: int = 16, img_size: int = 224, num_classes: int = 1000, **kwargs: Any
+             ) -> VisionTransformer:
+    """ViT-Base (Table 1): 12 layers, D=768, MLP 3072, 12 heads; 86.6M parameters as B/16."""
+    return _make(dict(embed_dim=768, depth=12, num_heads=12, patch_size=patch_size,
+                      img_size=img_size, num_classes=num_classes), kwargs)
+
+
+def vit_large(patch_size: int = 16, img_size: int = 224, num_classes: int = 1000, **kwargs: Any
+              ) -> VisionTransformer:
+    """ViT-Large (Table 1): 24 layers, D=1024, MLP 4096, 16 heads; 304.3M parameters as L/16."""
+    return _make(dict(embed_dim=1024, depth=24, num_heads=16, patch_size=patch_size,
+                      img_size=img_size, num_classes=num_classes), kwargs)
+
+
+def vit_huge(patch_size: int = 14, img_size: int = 224, num_classes: int = 1000, **kwargs: Any
+             ) -> VisionTransformer:
+    """ViT-Huge (Table 1): 32 layers, D=1280, MLP 5120, 16 heads; 632.0M parameters as H/14."""
+    return _make(dict(embed_dim=1280, depth=32, num_heads=16, patch_size=patch_size,
+                      img_size=img_size, num_classes=num_classes), kwargs)
+
+
+# Small presets for 32x32 inputs: patch 4 gives an 8x8 grid, 64 patches (65 tokens with [CLS]).
+CIFAR_PRESETS: dict[str, dict[str, Any]] = {
+    "vit_cifar_tiny": dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
+    "vit_cifar_small": dict(embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0),
+    "vit_cifar_base": dict(embed_dim=256, depth=12, num_heads=8, mlp_ratio=4.0),
+}
+
+
+def vit_cifar(name: str = "vit_cifar_small", num_classes: int = 10, **kwargs: Any) -> VisionTransformer:
+    """A small ViT for 32x32 images with 4x4 patches; `name` is a key of CIFAR_PRESETS."""
+    if name not in CIFAR_PRESETS:
+        raise ValueError(f"unknown CIFAR preset {name!r}; choose from {sorted(CIFAR_PRESETS)}")
+    defaults = dict(img_size=32, patch_size=4, num_classes=num_classes, **CIFAR_PRESETS[name])
+    return _make(defaults, kwargs)
+
+
+MODEL_FACTORIES = {"vit_base": vit_base, "vit_large": vit_large, "vit_huge": vit_huge}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading weights: checked loading, torchvision and Google JAX checkpoints
+# --------------------------------------------------------------------------------------------
+
+def load_state_dict_checked(model: VisionTransformer, state_dict: Mapping[str, Tensor],
+                            skip_head: bool = False) -> None:
+    """Load weights, naming every missing, unexpected or mis-shaped key in one ValueError.
+
+    A learned `pos_embed` for another square grid is resized to the model's (Sec. 3.2), so weights
+    trained at 224 load into a model built for 384. With skip_head the classifier weights are not
+    loaded and the model keeps its zero-initialised head (fine-tuning on new classes).
+    """
+    own = model.state_dict()
+    sd = {k: v for k, v in state_dict.items() if not (skip_head and k.startswith("head."))}
+    expected = {k for k in own if not (skip_head and k.startswith("head."))}
+    pe = sd.get("pos_embed")
+    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape \
+            and pe.ndim == 3 and pe.shape[-1] == own["pos_embed"].shape[-1]:
+        sd["pos_embed"] = resize_pos_embed(pe, model.patch_embed.grid_size, model.num_prefix_tokens)
+    missing = sorted(expected - sd.keys())
+    unexpected = sorted(sd.keys() - own.keys())
+    shapes = sorted(f"{k}: expected {tuple(own[k].shape)}, got {tuple(sd[k].shape)}"
+                    for k in expected & sd.keys() if own[k].shape != sd[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f"missing keys: {missing}"] if missing else []
+        parts += [f"unexpected keys: {unexpected}"] if unexpected else []
+        parts += [f"shape mismatch: {shapes}"] if shapes else []
+        raise ValueError("state dict does not fit this model: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=not skip_head)
+
+
+def _block_keys(i: int) -> dict[str, str]:
+    return {name: f"blocks.{i}.{name}" for name in (
+        "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+        "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+        "mlp.fc2.weight", "mlp.fc2.bias")}
+
+
+def convert_torchvision_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a torchvision `VisionTransformer` state dict (vit_b_16, ...) to this model's names."""
+    out = {
+        "cls_token": state_dict["class_token"],  # (1, 1, D)
+        "pos_embed": state_dict["encoder.pos_embedding"],  # (1, N, D)
+        "patch_embed.proj.weight": state_dict["conv_proj.weight"],  # (D, C, P, P)
+        "patch_embed.proj.bias": state_dict["conv_proj.bias"],
+        "norm.weight": state_dict["encoder.ln.weight"],
+        "norm.bias": state_dict["encoder.ln.bias"],
+    }
+    tv_names = {  # ours -> torchvision's, inside encoder.layers.encoder_layer_{i}
+        "norm1": "ln_1", "attn.qkv.weight": "self_attention.in_proj_weight",
+        "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
+        "norm2": "ln_2", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3",
+    }
+    state_dict = {k.replace("mlp.linear_1.", "mlp.0.").replace("mlp.linear_2.", "mlp.3."): v
+                  for k, v in state_dict.items()}  # files saved before torchvision 0.14
+    depth = sum(1 for k in state_dict if k.endswith(".ln_1.weight"))
+    for i in range(depth):
+        for ours, key in _block_keys(i).items():
+            stem = next(s for s in tv_names if ours.startswith(s))
+            tv_key = f"encoder.layers.encoder_layer_{i}.{tv_names[stem]}{ours[len(stem):]}"
+            out[key] = state_dict[tv_key]
+    for ours, tv in (("head", "heads.head"), ("pre_logits.fc", "heads.pre_logits")):
+        for p in ("weight", "bias"):
+            if f"{tv}.{p}" in state_dict:
+                out[f"{ours}.{p}"] = state_dict[f"{tv}.{p}"]
+    return out
+
+
+def convert_jax_state_dict(arrays: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Convert a Google ViT checkpoint (the arrays of its `.npz`, e.g. `np.load("ViT-B_16.npz")`).
+
+    Flax Dense kernels are (in, out), so they are transposed; attention kernels are per head:
+    query/key/value (D, h, D_h) and out (h, D_h, D); the patch kernel is (P, P, C, D).
+    """
+    t = {k: torch.as_tensor(v).float() for k, v in arrays.items()}
+    out = {
+        "cls_token": t["cls"],  # (1, 1, D)
+        "pos_embed": t["Transformer/posembed_input/pos_embedding"],  # (1, N, D)
+        "patch_embed.proj.weight": t["embedding/kernel"].permute(3, 2, 0, 1),  # (D, C, P, P)
+        "patch_embed.proj.bias": t["embedding/bias"],
+        "norm.weight": t["Transformer/encoder_norm/scale"],
+        "norm.bias": t["Transformer/encoder_norm/bias"],
+    }
+    depth = sum(1 for k in t if k.endswith("LayerNorm_0/scale"))
+    for i in range(depth):
+        p = f"Transformer/encoderblock_{i}/"
+        a = p + "MultiHeadDotProductAttention_1/"
+        D = t[a + "query/kernel"].shape[0]
+        b = f"blocks.{i}."
+        out[b + "norm1.weight"], out[b + "norm1.bias"] = t[p + "LayerNorm_0/scale"], t[p + "LayerNorm_0/bias"]
+        out[b + "attn.qkv.weight"] = torch.cat(
+            [t[a + n + "/kernel"].reshape(D, D).T for n in ("query", "key", "value")])  # (3D, D)
+        out[b + "attn.qkv.bias"] = torch.cat(
+            [t[a + n + "/bias"].reshape(D) for n in ("query", "key", "value")])  # (3D,)
+        out[b + "attn.proj.weight"] = t[a + "out/kernel"].reshape(D, D).T  # (h, D_h, D) -> (D, D)
+        out[b + "attn.proj.bias"] = t[a + "out/bias"]
+        out[b + "norm2.weight"], out[b + "norm2.bias"] = t[p + "LayerNorm_2/scale"], t[p + "LayerNorm_2/bias"]
+        for j in (0, 1):
+            out[b + f"mlp.fc{j + 1}.weight"] = t[p + f"MlpBlock_3/Dense_{j}/kernel"].T
+            out[b + f"mlp.fc{j + 1}.bias"] = t[p + f"MlpBlock_3/Dense_{j}/bias"]
+    for ours, jax in (("head", "head"), ("pre_logits.fc", "pre_logits")):
+        if f"{jax}/kernel" in t:
+            out[f"{ours}.weight"] = t[f"{jax}/kernel"].T
+            out[f"{ours}.bias"] = t[f"{jax}/bias"]
+    return out
+
+
+def _config_from_state_dict(sd: Mapping[str, Tensor], **overrides: Any) -> ViTConfig:
+    """Infer a ViTConfig from converted weights (the number of heads cannot be inferred)."""
+    D, C, P, _ = sd["patch_embed.proj.weight"].shape
+    depth = sum(1 for k in sd if k.endswith("norm1.weight"))
+    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    fields = dict(img_size=grid * P, patch_size=P, in_chans=C, embed_dim=D, depth=depth,
+                  mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
+                  num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+                  representation_size=sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None,
+                  num_heads={768: 12, 1024: 16, 1280: 16}.get(D, max(1, D // 64)))
+    return ViTConfig(**{**fields, **overrides})
+
+
+def load_jax_npz(path: str, **overrides: Any) -> VisionTransformer:
+    """Build a model from a Google `.npz` checkpoint (github.com/google-research/vision_transformer)."""
+    import numpy as np
+
+    with np.load(path) as npz:
+        sd = convert_jax_state_dict(dict(npz))
+    model = VisionTransformer(_config_from_state_dict(sd, **overrides))
+    load_state_dict_checked(model, sd, skip_head="head.weight" not in sd)
+    return model
+
+
+def load_torchvision_pretrained(arch: str = "vit_b_16", weights: str = "IMAGENET1K_V1",
+                                progress: bool = True) -> VisionTransformer:
+    """Real ImageNet weights in one call, downloaded through torchvision and converted.
+
+    arch: vit_b_16 | vit_b_32 | vit_l_16 | vit_l_32 | vit_h_14; weights: a torchvision weights name.
+    """
+    from torchvision.models import get_model_weights  # optional dependency of the model module
+
+    try:
+        w = get_model_weights(arch)[weights]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"unknown torchvision ViT {arch!r} / weights {weights!r}: {e}") from e
+    try:
+        sd = w.get_state_dict(progress=progress)
+    except OSError as e:  # URLError, socket errors, DNS failures are all OSErrors
+        raise RuntimeError(
+            f"could not download {arch} {weights} from {w.url}: {e}. This needs network access; "
+            "offline, download the file elsewhere and use "
+            "convert_torchvision_state_dict(torch.load(path)) with load_state_dict_checked()."
+        ) from e
+    sd = convert_torchvision_state_dict(sd)
+    model = VisionTransformer(_config_from_state_dict(sd))
+    load_state_dict_checked(model, sd)
+    return model
