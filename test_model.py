@@ -8,18 +8,17 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 
 from vit_model import (
     CIFAR_PRESETS,
+    MLP,
     Attention,
     Block,
     DropPath,
-    MLP,
     PatchEmbed,
-    ViTConfig,
     VisionTransformer,
+    ViTConfig,
     convert_jax_state_dict,
     convert_torchvision_state_dict,
     load_jax_npz,

@@ -268,6 +268,7 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = None
         self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.patch_drop_rate = cfg.patch_drop_rate  # may be changed during training
 
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear rule
         self.blocks = nn.ModuleList([
@@ -334,7 +335,7 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed  # (B, N, D), Eq. 1
         x = self.pos_drop(x)
-        if self.training and self.config.patch_drop_rate > 0:
+        if self.training and self.patch_drop_rate > 0:
             x = self._patch_dropout(x)  # (B, N', D), N' < N
         attentions = []
         for blk in self.blocks:
@@ -351,7 +352,7 @@ class VisionTransformer(nn.Module):
         """
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         B, N, D = patches.shape
-        keep = max(1, round(N * (1.0 - self.config.patch_drop_rate)))
+        keep = max(1, round(N * (1.0 - self.patch_drop_rate)))
         idx = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :keep]  # (B, keep)
         patches = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))  # (B, keep, D)
         return torch.cat([prefix, patches], dim=1)

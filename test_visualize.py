@@ -1,0 +1,139 @@
+"""Tests for visualize_attention.py: each computation against a hand-built case with a known
+answer, then an end-to-end run on a tiny model and generated images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import visualize_attention as va
+from train_cifar10 import atomic_save
+from vit_model import VisionTransformer, ViTConfig
+
+
+def one_layer(B: int, H: int, N: int, fill: str) -> torch.Tensor:
+    if fill == "identity":
+        return torch.eye(N).expand(B, H, N, N).clone()
+    return torch.full((B, H, N, N), 1.0 / N)
+
+
+def test_rollout_of_identity_attention_stays_on_cls():
+    attns = [one_layer(2, 3, 17, "identity") for _ in range(4)]
+    rollout = va.attention_rollout(attns)
+    torch.testing.assert_close(rollout, torch.eye(17).expand(2, 17, 17))
+    patch_map = va.rollout_to_patch_map(rollout, num_prefix_tokens=1, grid_size=4)
+    assert patch_map.shape == (2, 4, 4) and patch_map.abs().sum() == 0  # all mass on CLS itself
+
+
+def test_rollout_of_uniform_attention_is_uniform():
+    attns = [one_layer(1, 2, 10, "uniform") for _ in range(3)]
+    for fusion in ("mean", "max", "min"):
+        r = va.attention_rollout(attns, fusion)
+        torch.testing.assert_close(r.sum(-1), torch.ones(1, 10))  # rows stay distributions
+        patch = va.rollout_to_patch_map(r, 1, 3)
+        torch.testing.assert_close(patch, torch.full_like(patch, patch[0, 0, 0].item()))
+
+
+def test_rollout_follows_one_hand_computed_path():
+    # layer 1: token 2 copies token 1; layer 2: token 0 copies token 2 -> 0 reads from 1 through 2
+    N = 3
+    a1, a2 = torch.eye(N), torch.eye(N)
+    a1[2] = torch.tensor([0.0, 1.0, 0.0])
+    a2[0] = torch.tensor([0.0, 0.0, 1.0])
+    r = va.attention_rollout([a1.view(1, 1, N, N), a2.view(1, 1, N, N)])
+    # with residual: A' = (A + I) / 2; R = A2' A1'
+    A1, A2 = (a1 + torch.eye(N)) / 2, (a2 + torch.eye(N)) / 2
+    torch.testing.assert_close(r[0], A2 @ A1)
+    assert r[0, 0, 1] == pytest.approx(0.25)
+
+
+def test_mean_attention_distance_of_self_attention_is_zero():
+    N = 16
+    attn = torch.zeros(2, 3, N + 1, N + 1)
+    attn[:, :, 0, 0] = 1.0  # [CLS] is dropped from the measure
+    attn[:, :, 1:, 1:] = torch.eye(N)
+    d = va.mean_attention_distance([attn, attn], grid_size=4, patch_size=8, num_prefix_tokens=1)
+    assert d.shape == (2, 3) and d.abs().max() == 0
+
+
+def test_mean_attention_distance_right_neighbour_is_patch_size():
+    g, P = 3, 16
+    N = g * g
+    attn = torch.zeros(1, 1, N, N)
+    for q in range(N):
+        row, col = divmod(q, g)
+        target = row * g + col + 1 if col + 1 < g else row * g + col - 1  # right, else left
+        attn[0, 0, q, target] = 1.0
+    assert va.mean_attention_distance([attn], g, P, 0).item() == pytest.approx(P)
+
+
+def test_position_similarity_is_symmetric_with_unit_diagonal():
+    torch.manual_seed(0)
+    pe = torch.randn(1, 1 + 25, 12)
+    sim = va.position_embedding_similarity(pe, 5, 1)
+    flat = sim.reshape(25, 25)
+    torch.testing.assert_close(flat, flat.T)
+    torch.testing.assert_close(flat.diagonal(), torch.ones(25))
+    assert sim[2, 3, 2, 3] == pytest.approx(1.0)
+
+
+def test_filter_pca_recovers_a_planted_component():
+    torch.manual_seed(0)
+    u = torch.randn(3 * 4 * 4)
+    u = u / u.norm()
+    filters = torch.randn(64, 1) * 5 * u + 0.05 * torch.randn(64, 48)  # strong direction + noise
+    pcs, var = va.patch_embedding_pcs(filters.view(64, 3, 4, 4), k=28)
+    assert pcs.shape == (28, 3, 4, 4)
+    assert abs(torch.dot(pcs[0].flatten(), u).item()) > 0.99
+    assert var[0] > 0.9 and (var[:-1] >= var[1:]).all()
+    assert va.patch_embedding_pcs(torch.randn(8, 3, 2, 2), k=28)[0].shape[0] == 8  # fewer if small
+
+
+@pytest.fixture()
+def tiny_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=24, depth=3, num_heads=2)
+    model = VisionTransformer(cfg)
+    path = tmp_path / "ckpts" / "run" / "best.pt"
+    path.parent.mkdir(parents=True)
+    atomic_save({"model_config": cfg.to_dict(), "model": model.state_dict(), "ema": None,
+                 "config": {}, "normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}}, path)
+    images = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)).save(p)
+        images.append(str(p))
+    return path, images
+
+
+def test_end_to_end_writes_all_five_figures(tiny_checkpoint, tmp_path):
+    path, images = tiny_checkpoint
+    out = tmp_path / "figs"
+    files = va.main(["--checkpoint-dir", str(path.parent.parent), "--images", *images,
+                     "--out-dir", str(out), "--layers", "1", "3"])
+    assert len(files) == 5
+    for f in files.values():
+        assert f.exists() and f.stat().st_size > 5000
+        assert Image.open(f).size[0] > 300
+
+
+def test_bad_input_gets_clear_errors(tiny_checkpoint, tmp_path):
+    path, images = tiny_checkpoint
+    with pytest.raises(FileNotFoundError, match="no checkpoint found.*train_cifar10.py"):
+        va.main(["--checkpoint-dir", str(tmp_path / "empty"), "--images", *images])
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
+        va.main(["--checkpoint", str(path), "--images", str(bad), "--out-dir", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match=r"--layers \[7\] out of range: this model has layers 1..3"):
+        va.main(["--checkpoint", str(path), "--images", *images, "--layers", "7",
+                 "--out-dir", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="head_fusion"):
+        va.attention_rollout([torch.ones(1, 1, 2, 2)], "median")
+
+
+def test_rollout_map_for_gap_models_averages_rows():
+    r = torch.rand(2, 9, 9)
+    torch.testing.assert_close(va.rollout_to_patch_map(r, 0, 3), r.mean(1).view(2, 3, 3))

@@ -1,0 +1,386 @@
+"""Look inside a ViT: the paper's Figure 7 (three panels), Figure 6 (attention rollout) and
+per-head attention maps, from the model's own attention output (no hooks).
+
+    python visualize_attention.py                                   # newest checkpoint, CIFAR-10 test
+    python visualize_attention.py --checkpoint checkpoints/RUN/best.pt --data-dir /tmp/cifar10
+    python visualize_attention.py --torchvision-weights vit_b_16 --images cat.jpg dog.png
+    python visualize_attention.py --npz ViT-B_16.npz --images cat.jpg
+
+The computations (rollout, mean attention distance, position-embedding similarity, filter PCA) are
+plain tensor functions, separate from the plotting below them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from data import CIFAR10_MEAN, CIFAR10_STD, DataNotFoundError, load_dataset, read_image
+from train_cifar10 import find_latest_checkpoint, load_checkpoint, model_from_checkpoint, pyplot
+from vit_model import VisionTransformer, load_jax_npz, load_torchvision_pretrained
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision weights
+GOOGLE_MEAN, GOOGLE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # Google .npz checkpoints: [-1, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# Computations: tensors in, tensors out
+# --------------------------------------------------------------------------------------------
+
+def attention_rollout(attentions: list[Tensor], head_fusion: str = "mean") -> Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): the attention from every output token to every
+    input token through all layers, (B, N, N).
+
+    Each layer's heads are fused (mean, max or min), the residual connection is accounted for by
+    adding the identity and renormalising rows: A' = (A + I) / rowsum, and the layers are
+    multiplied: R = A'_L ... A'_2 A'_1.
+    """
+    fuse = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}
+    if head_fusion not in fuse:
+        raise ValueError(f"head_fusion must be one of {sorted(fuse)}, got {head_fusion!r}")
+    B, _, N, _ = attentions[0].shape
+    eye = torch.eye(N, device=attentions[0].device)
+    rollout = eye.expand(B, N, N)
+    for attn in attentions:
+        a = fuse[head_fusion](attn.float()) + eye  # (B, N, N)
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a @ rollout  # (B, N, N)
+    return rollout
+
+
+def rollout_to_patch_map(rollout: Tensor, num_prefix_tokens: int, grid_size: int) -> Tensor:
+    """(B, N, N) rollout -> (B, g, g): what the output attends to in each input patch.
+
+    With a [CLS] token the output is its row; with global average pooling it is the mean of the
+    patch rows.
+    """
+    if num_prefix_tokens:
+        rel = rollout[:, 0, num_prefix_tokens:]  # (B, N_p)
+    else:
+        rel = rollout.mean(1)  # (B, N_p)
+    return rel.reshape(-1, grid_size, grid_size)
+
+
+def mean_attention_distance(attentions: list[Tensor], grid_size: int, patch_size: int,
+                            num_prefix_tokens: int = 1) -> Tensor:
+    """Appendix D.7: for each query patch, the image-space distance (pixels) to every key patch,
+    weighted by the attention weight; averaged over queries and images. Returns (layers, heads).
+
+    Only patch-to-patch attention is used (the [CLS] query and key are dropped and each row is
+    renormalised over the patches), so a head looking only at its own patch scores 0 and one
+    looking only at the next patch scores patch_size.
+    """
+    coords = torch.stack(torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size),
+                                        indexing="ij"), -1).reshape(-1, 2).float()  # (N_p, 2)
+    dist = torch.cdist(coords, coords) * patch_size  # (N_p, N_p), pixels between patch centres
+    out = []
+    for attn in attentions:
+        a = attn[:, :, num_prefix_tokens:, num_prefix_tokens:].float()  # (B, h, N_p, N_p)
+        a = a / a.sum(-1, keepdim=True).clamp(min=1e-12)
+        per_query = (a * dist.to(a.device)).sum(-1)  # (B, h, N_p)
+        out.append(per_query.mean(dim=(0, 2)))  # (h,)
+    return torch.stack(out)  # (L, h)
+
+
+def position_embedding_similarity(pos_embed: Tensor, grid_size: int, num_prefix_tokens: int = 1
+                                  ) -> Tensor:
+    """Figure 7 (center): cosine similarity between the position embedding of every patch and
+    every other one, (g, g, g, g): entry [i, j] is a g x g tile for the patch in row i, column j."""
+    pe = pos_embed.reshape(-1, pos_embed.shape[-1])[num_prefix_tokens:].float()  # (N_p, D)
+    pe = F.normalize(pe, dim=-1)
+    sim = pe @ pe.T  # (N_p, N_p)
+    return sim.reshape(grid_size, grid_size, grid_size, grid_size)
+
+
+def patch_embedding_pcs(weight: Tensor, k: int = 28) -> tuple[Tensor, Tensor]:
+    """Figure 7 (left): principal components of the patch-embedding filters.
+
+    weight: (D, C, P, P), the D filters of E. Returns the top k components as (k, C, P, P) and
+    the fraction of variance each explains, (k,).
+    """
+    D = weight.shape[0]
+    flat = weight.reshape(D, -1).float()  # (D, C*P*P)
+    flat = flat - flat.mean(0, keepdim=True)
+    _, s, vh = torch.linalg.svd(flat, full_matrices=False)  # vh: (min(D, CPP), C*P*P)
+    k = min(k, vh.shape[0])
+    var = s**2 / (s**2).sum().clamp(min=1e-12)
+    return vh[:k].reshape(k, *weight.shape[1:]), var[:k]
+
+
+# --------------------------------------------------------------------------------------------
+# Model and images
+# --------------------------------------------------------------------------------------------
+
+def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, str, tuple, tuple]:
+    """The model, a description of where it came from, and its input mean and std."""
+    if args.torchvision_weights:
+        return (load_torchvision_pretrained(args.torchvision_weights),
+                f"torchvision {args.torchvision_weights} (ImageNet)", IMAGENET_MEAN, IMAGENET_STD)
+    if args.npz:
+        return load_jax_npz(args.npz), f"Google {Path(args.npz).name}", GOOGLE_MEAN, GOOGLE_STD
+    path = Path(args.checkpoint) if args.checkpoint else find_latest_checkpoint(args.checkpoint_dir)
+    if path is None or not path.exists():
+        raise FileNotFoundError(
+            f"no checkpoint found ({args.checkpoint or args.checkpoint_dir + '/*/*.pt'}). Train one "
+            f"first, e.g. `python train_cifar10.py --preset cpu --data-dir DATA`, or pass "
+            f"--checkpoint, --torchvision-weights vit_b_16 or --npz FILE")
+    ckpt = load_checkpoint(path)
+    norm = ckpt.get("normalize", {"mean": CIFAR10_MEAN, "std": CIFAR10_STD})
+    return model_from_checkpoint(ckpt), f"checkpoint {path}", tuple(norm["mean"]), tuple(norm["std"])
+
+
+def load_images(args: argparse.Namespace, size: int) -> tuple[Tensor, list[str]]:
+    """uint8 (B, 3, size, size) images and a label for each."""
+    if args.images:
+        imgs = [read_image(p, size) for p in args.images]
+        return torch.stack(imgs), [Path(p).name for p in args.images]
+    data = load_dataset(args.data_dir, download=args.download)
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(len(data.test_x), generator=g)[: args.num_images]
+    x = data.test_x[idx]
+    if x.shape[-1] != size:
+        x = F.interpolate(x.float(), size=(size, size), mode="bicubic").clamp(0, 255).to(torch.uint8)
+    return x, [data.classes[i] for i in data.test_y[idx]]
+
+
+@torch.inference_mode()
+def collect_attention(model: VisionTransformer, x: Tensor, mean: tuple, std: tuple,
+                      batch_size: int = 64) -> tuple[list[Tensor], Tensor]:
+    """Attention of every layer (B, h, N, N) for uint8 images x, and the predicted classes."""
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    dev = next(model.parameters()).device
+    layers: list[list[Tensor]] = [[] for _ in model.blocks]
+    preds = []
+    for i in range(0, len(x), batch_size):
+        xb = ((x[i:i + batch_size].float() / 255 - m) / s).to(dev)
+        logits, attns = model(xb, return_attention=True)
+        preds.append(logits.argmax(1).cpu())
+        for store, a in zip(layers, attns, strict=True):
+            store.append(a.cpu())
+    return [torch.cat(a) for a in layers], torch.cat(preds)
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+def plot_filters(pcs: Tensor, var: Tensor, path: Path, source: str) -> None:
+    plt = pyplot()
+    k = pcs.shape[0]
+    cols = min(7, k)
+    rows = -(-k // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows + 0.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(k):
+        pc = pcs[i]
+        pc = (pc - pc.min()) / (pc.max() - pc.min()).clamp(min=1e-12)  # each component to [0, 1]
+        img = pc.permute(1, 2, 0) if pc.shape[0] == 3 else pc.mean(0)
+        axes.flat[i].imshow(img.numpy(), interpolation="nearest", cmap=None if pc.shape[0] == 3 else "gray")
+        axes.flat[i].set_title(f"PC{i + 1} {100 * var[i]:.0f}%", fontsize=7)
+    fig.suptitle(f"RGB embedding filters: first {k} principal components\n{source}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_position_similarity(sim: Tensor, path: Path, source: str) -> None:
+    plt = pyplot()
+    g = sim.shape[0]
+    fig, axes = plt.subplots(g, g, figsize=(0.75 * g + 1.6, 0.75 * g + 0.9), squeeze=False)
+    for i in range(g):
+        for j in range(g):
+            im = axes[i, j].imshow(sim[i, j].numpy(), vmin=-1, vmax=1, cmap="viridis")
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if j == 0:
+                axes[i, j].set_ylabel(str(i + 1), fontsize=7, rotation=0, labelpad=8)
+            if i == g - 1:
+                axes[i, j].set_xlabel(str(j + 1), fontsize=7)
+    fig.supxlabel("Input patch column")
+    fig.supylabel("Input patch row")
+    fig.subplots_adjust(right=0.86, wspace=0.08, hspace=0.08)
+    cax = fig.add_axes([0.89, 0.15, 0.025, 0.7])
+    fig.colorbar(im, cax=cax, label="Cosine similarity")
+    fig.suptitle(f"Position embedding similarity\n{source}", fontsize=9)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_attention_distance(dist: Tensor, n_images: int, path: Path, source: str,
+                            patch_size: int, img_size: int) -> None:
+    plt = pyplot()
+    L, H = dist.shape
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for h in range(H):
+        ax.scatter(torch.arange(L) + 1, dist[:, h], s=14, label=f"Head {h + 1}" if H <= 16 else None)
+    ax.set_xlabel("Network depth (layer)")
+    ax.set_ylabel("Mean attention distance (pixels)")
+    ax.set_ylim(0, img_size * 0.75)
+    ax.set_xticks(range(1, L + 1))
+    ax.grid(alpha=0.3)
+    if H <= 16:
+        ax.legend(fontsize=6, ncol=2, loc="lower right")
+    ax.set_title(f"Size of attended area by head and network depth\n{n_images} images, "
+                 f"{img_size}x{img_size} input, patch {patch_size}; {source}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_rollout(images: Tensor, maps: Tensor, labels: list[str], preds: list[str], path: Path,
+                 head_fusion: str, source: str) -> None:
+    plt = pyplot()
+    n = images.shape[0]
+    fig, axes = plt.subplots(2, n, figsize=(2.0 * n, 4.6), squeeze=False)
+    size = images.shape[-1]
+    up = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    for i in range(n):
+        img = images[i].permute(1, 2, 0).numpy()
+        m = up[i]
+        m = (m - m.min()) / (m.max() - m.min()).clamp(min=1e-12)
+        axes[0, i].imshow(img)
+        axes[0, i].set_title(f"{labels[i]}\n(pred: {preds[i]})", fontsize=8)
+        axes[1, i].imshow(img)
+        im = axes[1, i].imshow(m.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.colorbar(im, ax=axes[1, :].tolist(), fraction=0.02, label="attention to the input (rescaled)")
+    fig.suptitle(f"Attention rollout from the output token to the input (head fusion: {head_fusion})"
+                 f"\n{source}", fontsize=9)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_heads(image: Tensor, attentions: list[Tensor], layers: list[int], num_prefix_tokens: int,
+               grid: int, path: Path, source: str) -> None:
+    plt = pyplot()
+    H = attentions[0].shape[1]
+    fig, axes = plt.subplots(len(layers), H + 1, figsize=(1.6 * (H + 1), 1.7 * len(layers) + 0.9),
+                             squeeze=False)
+    what = "[CLS] -> patch" if num_prefix_tokens else "mean over queries -> patch"
+    for r, layer in enumerate(layers):
+        a = attentions[layer][0]  # (h, N, N)
+        maps = a[:, 0, num_prefix_tokens:] if num_prefix_tokens else a[:, :, :].mean(1)
+        maps = maps.reshape(H, grid, grid)
+        axes[r, 0].imshow(image.permute(1, 2, 0).numpy())
+        axes[r, 0].set_ylabel(f"layer {layer + 1}", fontsize=8)
+        for h in range(H):
+            im = axes[r, h + 1].imshow(maps[h].numpy(), cmap="inferno", vmin=0)
+            if r == 0:
+                axes[r, h + 1].set_title(f"head {h + 1}", fontsize=8)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(im, ax=axes[r].tolist(), fraction=0.015, pad=0.01)
+    fig.suptitle(f"Attention weights per head ({what}, each patch one cell)\n{source}", fontsize=9)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--checkpoint", help="a checkpoint from train_cifar10.py (default: the newest "
+                                          "best.pt/last.pt under --checkpoint-dir)")
+    src.add_argument("--checkpoint-dir", default="checkpoints", help="where to look for the newest checkpoint")
+    src.add_argument("--torchvision-weights", metavar="ARCH",
+                     help="ImageNet weights through torchvision, e.g. vit_b_16 (needs the network)")
+    src.add_argument("--npz", help="a Google ViT .npz checkpoint, e.g. ViT-B_16.npz")
+    img = p.add_argument_group("images")
+    img.add_argument("--images", nargs="+", help="image files (default: CIFAR-10 test images)")
+    img.add_argument("--data-dir", default="data", help="CIFAR-10 location, as in train_cifar10.py")
+    img.add_argument("--no-download", dest="download", action="store_false",
+                     help="never download CIFAR-10")
+    img.add_argument("--num-images", type=int, default=128,
+                     help="images for the mean attention distance (the paper uses 128)")
+    img.add_argument("--show", type=int, default=6, help="images shown in the rollout figure")
+    p.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"),
+                   help="how the heads of a layer are combined in attention rollout")
+    p.add_argument("--layers", type=int, nargs="+", help="layers (1-based) for attention_heads.png "
+                                                         "(default: first, middle, last)")
+    p.add_argument("--num-pcs", type=int, default=28, help="principal components of the filters to show")
+    p.add_argument("--out-dir", default="figures", help="where the PNG files go")
+    p.add_argument("--wandb", default="off", choices=("off", "offline", "online"),
+                   help="also log the figures to a W&B run")
+    p.add_argument("--seed", type=int, default=0, help="which test images are drawn")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    args = parse_args(argv)
+    model, source, mean, std = load_model(args)
+    model.eval()
+    cfg = model.config
+    grid, P, pre = cfg.grid_size, cfg.patch_size, model.num_prefix_tokens
+    layers = [l - 1 for l in args.layers] if args.layers else sorted({0, cfg.depth // 2 - 1, cfg.depth - 1})
+    bad = [l + 1 for l in layers if not 0 <= l < cfg.depth]
+    if bad:
+        raise ValueError(f"--layers {bad} out of range: this model has layers 1..{cfg.depth}")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images, labels = load_images(args, cfg.img_size)
+
+    t0 = time.perf_counter()
+    attentions, preds = collect_attention(model, images, mean, std)
+    dist = mean_attention_distance(attentions, grid, P, pre)
+    t_dist = time.perf_counter() - t0
+    classes = labels if args.images else None
+    pred_names = [str(int(p)) for p in preds]
+    if classes is None and cfg.num_classes == 10:
+        from data import CIFAR10_CLASSES
+
+        pred_names = [CIFAR10_CLASSES[int(p)] for p in preds]
+
+    files = {name: out / f"{name}.png" for name in (
+        "fig7_embedding_filters", "fig7_position_similarity", "fig7_attention_distance",
+        "fig6_attention_rollout", "attention_heads")}
+    pcs, var = patch_embedding_pcs(model.patch_embed.proj.weight.detach(), args.num_pcs)
+    plot_filters(pcs, var, files["fig7_embedding_filters"], source)
+    if model.pos_embed is None:
+        print("note: this model has no position embedding; fig7_position_similarity.png is skipped")
+        files.pop("fig7_position_similarity")
+    else:
+        sim = position_embedding_similarity(model.pos_embed.detach(), grid, pre)
+        plot_position_similarity(sim, files["fig7_position_similarity"], source)
+    plot_attention_distance(dist, len(images), files["fig7_attention_distance"], source, P, cfg.img_size)
+    n = min(args.show, len(images))
+    maps = rollout_to_patch_map(attention_rollout([a[:n] for a in attentions], args.head_fusion), pre, grid)
+    plot_rollout(images[:n], maps, labels[:n], pred_names[:n], files["fig6_attention_rollout"],
+                 args.head_fusion, source)
+    plot_heads(images[0], [a[:1] for a in attentions], layers, pre, grid, files["attention_heads"], source)
+    print(f"attention of {len(images)} images and their mean distances: {t_dist:.2f} s")
+    for path in files.values():
+        print(f"  {path}")
+    if args.wandb != "off":
+        try:
+            import wandb
+
+            run = wandb.init(project="vit_from_scratch", job_type="visualize", mode=args.wandb,
+                             dir=str(out), config={"source": source, "num_images": len(images)})
+            run.log({name: wandb.Image(str(path)) for name, path in files.items()})
+            run.finish()
+        except Exception as e:
+            print(f"warning: W&B logging failed: {e}", file=sys.stderr)
+    return files
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, DataNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
