@@ -21,6 +21,7 @@ from vit_model import (
     ViTConfig,
     convert_jax_state_dict,
     convert_torchvision_state_dict,
+    estimate_flops,
     load_jax_npz,
     load_state_dict_checked,
     load_torchvision_pretrained,
@@ -108,6 +109,18 @@ def test_total_parameter_formula_for_every_preset():
         block = 4 * D * D + 4 * D + 2 * D * hidden + hidden + D + 4 * D
         expected = (C * P * P * D + D) + D + c.num_tokens * D + c.depth * block + 2 * D + D * 10 + 10
         assert n_params(model) == expected, name
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(classifier="gap", mlp_ratio=2.0), dict(representation_size=24)])
+def test_flops_formula_matches_pytorch_flop_counter(kw):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=4,
+                              num_classes=10, **kw).eval()
+    # the explicit attention path, whose Q K^T and A V are plain matmuls the counter sees on any device
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(2, 3, 32, 32), return_attention=True)
+    assert counter.get_total_flops() == 2 * estimate_flops(model.config)["total"]  # batch of 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -435,6 +435,28 @@ def vit_cifar(name: str = "vit_cifar_small", num_classes: int = 10, **kwargs: An
 MODEL_FACTORIES = {"vit_base": vit_base, "vit_large": vit_large, "vit_huge": vit_huge}
 
 
+def estimate_flops(cfg: ViTConfig) -> dict[str, int]:
+    """Forward-pass FLOPs for one image, counting a multiply-add as 2 (matrix products only).
+
+    With N tokens, D channels, MLP size M, patches N_p of C*P*P values:
+      patch embedding 2 N_p (C P^2) D;  per block: qkv 6 N D^2, scores Q K^T 2 N^2 D,
+      weighted sum A V 2 N^2 D, output projection 2 N D^2, MLP 4 N D M;  head 2 D K.
+    The N^2 terms are the quadratic cost of attention.
+    """
+    N, D, M = cfg.num_tokens, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    linear = 8 * N * D * D + 4 * N * D * M  # qkv + proj + fc1 + fc2
+    attention = 4 * N * N * D  # Q K^T and A V
+    out = {
+        "patch_embed": 2 * cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * D,
+        "blocks_linear": cfg.depth * linear,
+        "blocks_attention": cfg.depth * attention,
+        "pre_logits": 2 * D * cfg.representation_size if cfg.representation_size else 0,
+        "head": 2 * (cfg.representation_size or D) * cfg.num_classes,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Loading weights: checked loading, torchvision and Google JAX checkpoints
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,305 @@
+"""Tests for train_cifar10.py and data.py, on small data sets the tests make themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_cifar10 as tc
+from data import (
+    DataNotFoundError,
+    load_dataset,
+    mixup_cutmix,
+    rand_augment,
+    random_crop_flip,
+    random_erasing,
+)
+
+HERE = Path(__file__).resolve().parent
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def easy_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An easy 10-class task: class k is a noisy image with a bright square at place k."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 10
+    x = rng.integers(0, 90, size=(n, 3, 32, 32), dtype=np.uint8)
+    for i, k in enumerate(y):
+        r, c = divmod(int(k), 5)
+        x[i, :, 4 + 14 * r: 14 + 14 * r, 1 + 6 * c: 7 + 6 * c] = 230
+    return x, y.astype(np.int64)
+
+
+def write_batches_py(root: Path, n_train: int = 500, n_test: int = 200) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    x, y = easy_images(n_train, 0)
+    parts = np.array_split(np.arange(n_train), 5)
+    for i, idx in enumerate(parts, start=1):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({"data": x[idx].reshape(len(idx), -1), "labels": y[idx].tolist()}, f)
+    xt, yt = easy_images(n_test, 1)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": xt.reshape(n_test, -1), "labels": yt.tolist()}, f)
+    return root
+
+
+def write_image_folder(root: Path, n_train: int = 200, n_test: int = 100) -> Path:
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        x, y = easy_images(n, seed)
+        for i, (img, label) in enumerate(zip(x, y, strict=True)):
+            d = root / split / CLASSES[label]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.transpose(1, 2, 0)).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def batches_dir(tmp_path_factory) -> Path:
+    return write_batches_py(tmp_path_factory.mktemp("cifar"))
+
+
+FAST = ["--epochs", "1", "--batch-size", "50", "--embed-dim", "32", "--depth", "2", "--num-heads", "2",
+        "--wandb", "off", "--log-every", "2", "--eval-batch-size", "100"]
+
+
+def run_main(args: list[str]) -> None:
+    tc.main(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def test_both_formats_load_the_same_images(tmp_path):
+    a = load_dataset(write_batches_py(tmp_path / "a"), download=False)
+    b = load_dataset(write_image_folder(tmp_path / "b", 500, 200), download=False)
+    assert a.train_x.shape == (500, 3, 32, 32) and a.train_x.dtype == torch.uint8
+    assert b.classes == CLASSES
+    # ImageFolder lists files class by class; compare as sets of (image, label) via sorting by label
+    order = torch.argsort(a.train_y, stable=True)
+    assert torch.equal(a.train_y[order], b.train_y)
+    assert torch.equal(a.train_x[order], b.train_x)
+
+
+def test_missing_data_offline_names_both_options(tmp_path):
+    with pytest.raises(DataNotFoundError, match="cifar-10-batches-py.*ImageFolder tree with 'train/' and 'test/'"):
+        load_dataset(tmp_path, download=False)
+
+
+def test_crop_and_flip_are_drawn_per_sample():
+    torch.manual_seed(0)
+    img = torch.arange(3 * 8 * 8, dtype=torch.int64).view(1, 3, 8, 8).to(torch.uint8)
+    x = img.expand(64, 3, 8, 8)
+    out = random_crop_flip(x, pad=2, flip=True)
+    padded = torch.nn.functional.pad(img, (2, 2, 2, 2))[0]
+    windows = {(dy, dx, f): (padded[:, dy:dy + 8, dx:dx + 8].flip(-1) if f else padded[:, dy:dy + 8, dx:dx + 8])
+               for dy in range(5) for dx in range(5) for f in (0, 1)}
+    draws = []
+    for o in out:  # every output is one crop (and maybe flip) of the padded image
+        match = [k for k, w in windows.items() if torch.equal(o, w)]
+        assert len(match) == 1
+        draws.append(match[0])
+    assert len(set(draws)) > 20  # many different draws in one batch
+    assert 16 < sum(f for _, _, f in draws) < 48  # about half flipped
+
+
+def test_rand_augment_is_per_sample_and_keeps_dtype():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).expand(64, 3, 32, 32).contiguous()
+    out = rand_augment(x, num_ops=2, magnitude=9)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    distinct = {o.numpy().tobytes() for o in out}
+    assert len(distinct) > 15
+
+
+def test_cutmix_targets_match_pixel_areas():
+    torch.manual_seed(0)
+    B = 16
+    x = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, 8, 8).clone()
+    y = torch.nn.functional.one_hot(torch.arange(B) % 4, 4).float()
+    out, target = mixup_cutmix(x, y, mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0)
+    torch.testing.assert_close(target.sum(1), torch.ones(B))
+    for i in range(B):
+        own = (out[i] == i).float().mean()  # fraction of pixels still from sample i
+        expected = own * y[i] + (1 - own) * y[B - 1 - i]
+        torch.testing.assert_close(target[i], expected)
+
+
+def test_mixup_blends_images_and_targets_by_the_same_ratio():
+    torch.manual_seed(0)
+    B = 8
+    x = torch.zeros(B, 3, 4, 4)
+    x[: B // 2] = 1.0  # first half ones, second half zeros: partner (B-1-i) is the other half
+    y = torch.nn.functional.one_hot(torch.tensor([0] * 4 + [1] * 4), 2).float()
+    out, target = mixup_cutmix(x, y, mixup_alpha=0.8, cutmix_alpha=0.0)
+    lam = out[:, 0, 0, 0]
+    assert torch.allclose(out, lam.view(B, 1, 1, 1).expand_as(out))  # uniform blend per sample
+    torch.testing.assert_close(target[:4, 0], lam[:4])
+    torch.testing.assert_close(target[4:, 1], 1 - lam[4:])
+    assert len(set(lam.tolist())) > 4  # its own ratio per sample
+
+
+def test_random_erasing_probability():
+    torch.manual_seed(0)
+    x = torch.zeros(200, 3, 16, 16)
+    assert torch.equal(random_erasing(x, prob=0.0), x)
+    erased = (random_erasing(x, prob=1.0) != 0).flatten(1).any(1)
+    assert erased.all()
+    some = (random_erasing(x, prob=0.3) != 0).flatten(1).any(1).float().mean()
+    assert 0.15 < some < 0.45
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs
+# ---------------------------------------------------------------------------------------------
+
+def test_smoke_run_writes_checkpoints_and_offline_wandb(batches_dir, tmp_path):
+    run_main([*FAST, "--data-dir", str(batches_dir), "--out-dir", str(tmp_path), "--run-name", "smoke",
+              "--wandb", "offline", "--ema", "0.9"])
+    run = tmp_path / "smoke"
+    assert (run / "last.pt").exists() and (run / "best.pt").exists() and (run / "accuracy_curve.png").exists()
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    for key in ("config", "model_config", "model", "optimizer", "scheduler", "scaler", "ema", "epoch",
+                "step", "rng_states", "wandb_run_id", "history"):
+        assert key in ckpt, key
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 10 and ckpt["model_config"]["embed_dim"] == 32
+    # the offline run: its records (a protobuf stream) name every logged metric
+    records = list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(records) == 1, list(run.rglob("*"))
+    assert ckpt["wandb_run_id"] in records[0].name
+    blob = records[0].read_bytes()
+    for key in (b"train/loss", b"train/acc", b"test/acc", b"test/loss", b"lr", b"images_per_sec", b"epoch_time"):
+        assert key in blob, key
+
+
+def test_learns_an_easy_task_from_image_folder(tmp_path):
+    root = write_image_folder(tmp_path / "data", 600, 200)
+    res = tc.train(tc.parse_args([*FAST, "--epochs", "6", "--lr", "3e-3", "--warmup-epochs", "1",
+                                  "--crop-pad", "0", "--no-flip",  # the class is the square's place
+                                  "--data-dir", str(root), "--out-dir", str(tmp_path / "ck"),
+                                  "--run-name", "easy", "--patch-size", "8"]))
+    assert res["best_acc"] > 0.5, res["history"]  # chance is 0.1
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_continues_exactly(batches_dir, tmp_path):
+    common = [*FAST, "--epochs", "2", "--data-dir", str(batches_dir), "--out-dir", str(tmp_path),
+              "--dropout", "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--randaug-n", "1"]
+    run_main([*common, "--run-name", "straight"])
+    run_main([*common, "--run-name", "split", "--stop-at-epoch", "1"])
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 1
+    run_main(["--resume", str(tmp_path / "split" / "last.pt")])
+    a, b = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "split" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ca = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    cb = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert ca["step"] == cb["step"] == 20
+    assert [h["eval_acc"] for h in ca["history"]] == [h["eval_acc"] for h in cb["history"]]
+
+
+def test_resume_with_another_model_is_refused_and_loses_nothing(batches_dir, tmp_path, capsys):
+    run_main([*FAST, "--data-dir", str(batches_dir), "--out-dir", str(tmp_path), "--run-name", "r"])
+    ckpt = tmp_path / "r" / "last.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run_main(["--resume", str(ckpt), "--embed-dim", "64"])
+    assert e.value.code == 2
+    assert "another model config" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--wandb", "maybe"], "--wandb must be one of"),
+    (["--model", "vit_giant"], "--model must be one of"),
+    (["--embed-dim", "30", "--num-heads", "4"], "must be divisible by num_heads"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--val-split", "999999"], "--val-split must be in"),
+])
+def test_bad_flag_values_fail_clearly(batches_dir, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        run_main([*FAST, "--data-dir", str(batches_dir), "--out-dir", str(tmp_path), *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_without_network_fails_clearly(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*a, **k):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(SystemExit):
+        run_main([*FAST, "--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "download" in err and "cifar-10-batches-py" in err and "ImageFolder" in err
+
+
+def test_nan_loss_stops_with_a_clear_message(batches_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_main([*FAST, "--data-dir", str(batches_dir), "--out-dir", str(tmp_path), "--run-name", "nan",
+                  "--lr", "1e30", "--warmup-epochs", "0", "--clip-grad", "0", "--log-every", "1"])
+    err = capsys.readouterr().err
+    assert "loss became nan" in err or "loss became inf" in err
+    assert not (tmp_path / "nan" / "last.pt").exists()
+
+
+def test_eval_only_reports_per_class_accuracy_and_confusion_png(batches_dir, tmp_path, capsys):
+    run_main([*FAST, "--data-dir", str(batches_dir), "--out-dir", str(tmp_path), "--run-name", "ev"])
+    capsys.readouterr()
+    run_main(["--eval-only", str(tmp_path / "ev" / "best.pt"), "--data-dir", str(batches_dir)])
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "airplane" in out and "truck" in out
+    assert (tmp_path / "ev" / "confusion_matrix.png").stat().st_size > 10000
+
+
+def _spawn(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, *args], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_ctrl_c_saves_and_the_run_resumes(batches_dir, tmp_path):
+    proc = _spawn(["train_cifar10.py", *FAST, "--epochs", "200", "--data-dir", str(batches_dir),
+                   "--out-dir", str(tmp_path), "--run-name", "int"])
+    last = tmp_path / "int" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "--resume" in out
+    epoch = torch.load(last, weights_only=True)["epoch"]
+    assert 1 <= epoch < 200
+    run_main(["--resume", str(last), "--epochs", str(epoch + 1)])
+    assert torch.load(last, weights_only=True)["epoch"] == epoch + 1
+
+
+def test_ddp_with_two_cpu_processes(batches_dir, tmp_path):
+    proc = _spawn(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                   "train_cifar10.py", *FAST, "--epochs", "2", "--data-dir", str(batches_dir),
+                   "--out-dir", str(tmp_path), "--run-name", "ddp", "--device", "cpu"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 20  # 500 images, global batch 50
+    assert len(ckpt["rng_states"]) == 2  # one per process, for exact resume
+    assert out.count("starting run") == 1  # only rank 0 logs
+    assert 0 <= ckpt["history"][-1]["eval_acc"] <= 1
