@@ -82,31 +82,37 @@ def _load_split(folder: Path, classes: tuple[str, ...], size: int) -> tuple[Tens
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
-def _load_image_folder(root: Path, size: int) -> ImageData:
+def _load_image_folder(root: Path, size: int, with_train: bool = True) -> ImageData:
     classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
     test_classes = tuple(sorted(p.name for p in (root / "test").iterdir() if p.is_dir()))
     if classes != test_classes:
         raise DataNotFoundError(f"train/ and test/ under {root} hold different classes: "
                                 f"{classes} vs {test_classes}")
-    train_x, train_y = _load_split(root / "train", classes, size)
     test_x, test_y = _load_split(root / "test", classes, size)
+    if with_train:
+        train_x, train_y = _load_split(root / "train", classes, size)
+    else:
+        train_x, train_y = test_x[:0], test_y[:0]
     return ImageData(train_x, train_y, test_x, test_y, classes)
 
 
-def load_dataset(data_dir: str | Path, download: bool = True, img_size: int = 32) -> ImageData:
+def load_dataset(data_dir: str | Path, download: bool = True, img_size: int = 32,
+                 with_train: bool = True) -> ImageData:
     """CIFAR-10 from `data_dir`, in whichever form is there:
 
     1. torchvision's `cifar-10-batches-py` folder (data_dir itself or inside it);
     2. an ImageFolder tree `train/<class>/*.jpg` and `test/<class>/*.jpg` (any classes; images
        resized to img_size);
     3. otherwise torchvision downloads CIFAR-10 into data_dir (when download is True).
+
+    with_train=False skips decoding the training images of an ImageFolder tree (test set only).
     """
     root = Path(data_dir)
     for folder in (root, root / "cifar-10-batches-py"):
         if (folder / "data_batch_1").is_file() and (folder / "test_batch").is_file():
             return _load_batches_py(folder)
     if (root / "train").is_dir() and (root / "test").is_dir():
-        return _load_image_folder(root, img_size)
+        return _load_image_folder(root, img_size, with_train)
     options = (f"either torchvision's 'cifar-10-batches-py' folder or an ImageFolder tree with "
                f"'train/' and 'test/' in --data-dir (now {str(root)!r})")
     if not download:

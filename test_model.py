@@ -456,24 +456,23 @@ def test_pretrained_download_offline_fails_clearly(monkeypatch):
 # `python test_model.py`: structure, shape trace, parameter table
 # ---------------------------------------------------------------------------------------------
 
-def shape_trace(model: VisionTransformer, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
-    """The tensor shape after each stage of one forward pass, read from the real forward."""
-    trace = [("input image", tuple(x.shape))]
-    hooks = [model.patch_embed.proj.register_forward_hook(
-        lambda m, i, o: trace.append(("patch_embed.proj (Conv2d, kernel=stride=P)", tuple(o.shape))))]
-    hooks.append(model.patch_embed.register_forward_hook(
-        lambda m, i, o: trace.append(("flatten + transpose: patch tokens (Eq. 1)", tuple(o.shape)))))
-    hooks.append(model.blocks[0].register_forward_pre_hook(
-        lambda m, i: trace.append(("+ [CLS], + pos_embed: z_0 (Eq. 1)", tuple(i[0].shape)))))
-    for j, blk in enumerate(model.blocks):
-        hooks.append(blk.register_forward_hook(
-            lambda m, i, o, j=j: trace.append((f"blocks.{j} (Eq. 2-3)", tuple(o[0].shape)))))
-    hooks.append(model.norm.register_forward_hook(
-        lambda m, i, o: trace.append(("norm (final LayerNorm)", tuple(o.shape)))))
-    hooks.append(model.head.register_forward_pre_hook(
-        lambda m, i: trace.append((f"{model.config.classifier} pooling: y (Eq. 4)", tuple(i[0].shape)))))
-    hooks.append(model.head.register_forward_hook(
-        lambda m, i, o: trace.append(("head: logits", tuple(o.shape)))))
+def shape_trace(model: VisionTransformer, x: torch.Tensor) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(key, description, shape) after each stage of one forward pass, read from the real forward."""
+    trace = [("input", "input image", tuple(x.shape))]
+
+    def after(key: str, text: str):
+        return lambda m, i, o: trace.append((key, text, tuple((o[0] if isinstance(o, tuple) else o).shape)))
+
+    def before(key: str, text: str):
+        return lambda m, i: trace.append((key, text, tuple(i[0].shape)))
+
+    hooks = [model.patch_embed.proj.register_forward_hook(after("patch_embed.proj", "Conv2d, kernel = stride = P")),
+             model.patch_embed.register_forward_hook(after("patch_embed", "flatten + transpose (Eq. 1)")),
+             model.blocks[0].register_forward_pre_hook(before("z0", "+ [CLS], + pos_embed (Eq. 1)"))]
+    hooks += [blk.register_forward_hook(after(f"blocks.{j}", "Eq. 2-3")) for j, blk in enumerate(model.blocks)]
+    hooks += [model.norm.register_forward_hook(after("norm", "final LayerNorm")),
+              model.head.register_forward_pre_hook(before("pool", f"{model.config.classifier} pooling (Eq. 4)")),
+              model.head.register_forward_hook(after("head", "logits"))]
     try:
         with torch.no_grad():
             model.eval()(x)
@@ -495,23 +494,22 @@ def parameter_table() -> list[tuple[str, ViTConfig, int]]:
 
 
 def test_shape_trace_of_vit_b16(vit_b16):
-    trace = dict(shape_trace(vit_b16, torch.randn(1, 3, 224, 224)))
-    assert trace["patch_embed.proj (Conv2d, kernel=stride=P)"] == (1, 768, 14, 14)
-    assert trace["+ [CLS], + pos_embed: z_0 (Eq. 1)"] == (1, 197, 768)
-    assert trace["token pooling: y (Eq. 4)"] == (1, 768)
-    assert trace["head: logits"] == (1, 1000)
+    trace = {key: shape for key, _, shape in shape_trace(vit_b16, torch.randn(1, 3, 224, 224))}
+    assert trace["patch_embed.proj"] == (1, 768, 14, 14)
+    assert trace["z0"] == (1, 197, 768) and trace["blocks.11"] == (1, 197, 768)
+    assert trace["pool"] == (1, 768) and trace["head"] == (1, 1000)
 
 
 if __name__ == "__main__":
     model = vit_base()
     print("ViT-B/16 structure:\n", model, "\n", sep="")
     print("Shape trace of one forward pass, ViT-B/16, batch 2:")
-    for stage, shape in shape_trace(model, torch.randn(2, 3, 224, 224)):
-        print(f"  {stage:<48s} {shape}")
+    for key, text, shape in shape_trace(model, torch.randn(2, 3, 224, 224)):
+        print(f"  {key:<18s}{text:<32s}{shape}")
     small = vit_cifar("vit_cifar_tiny")
     print("\nShape trace, vit_cifar_tiny on 32x32, batch 2:")
-    for stage, shape in shape_trace(small, torch.randn(2, 3, 32, 32)):
-        print(f"  {stage:<48s} {shape}")
+    for key, text, shape in shape_trace(small, torch.randn(2, 3, 32, 32)):
+        print(f"  {key:<18s}{text:<32s}{shape}")
     print(f"\n{'model':<16s}{'image':>6s}{'patch':>6s}{'layers':>7s}{'D':>6s}{'MLP':>6s}{'heads':>6s}"
           f"{'tokens':>7s}{'parameters':>14s}")
     for name, c, n in parameter_table():

@@ -140,7 +140,7 @@ def load_images(args: argparse.Namespace, size: int) -> tuple[Tensor, list[str]]
     if args.images:
         imgs = [read_image(p, size) for p in args.images]
         return torch.stack(imgs), [Path(p).name for p in args.images]
-    data = load_dataset(args.data_dir, download=args.download)
+    data = load_dataset(args.data_dir, download=args.download, with_train=False)
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data.test_x), generator=g)[: args.num_images]
     x = data.test_x[idx]
@@ -210,7 +210,7 @@ def plot_position_similarity(sim: Tensor, path: Path, source: str) -> None:
     cax = fig.add_axes([0.89, 0.15, 0.025, 0.7])
     fig.colorbar(im, cax=cax, label="Cosine similarity")
     fig.suptitle(f"Position embedding similarity\n{source}", fontsize=9)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -1,0 +1,148 @@
+"""Side-by-side speed checks, each against a reference on the same input in one run.
+
+    python benchmark.py model                      # forward + backward: ours vs torchvision ViT
+    python benchmark.py data --data-dir /tmp/cifar10   # augmentation: ours vs DataLoader + PIL
+
+Timings alternate between the two contestants and report medians, so a busy machine slows both
+alike; the ratio is the number to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from data import CIFAR10_MEAN, CIFAR10_STD, load_dataset, normalize, rand_augment, random_crop_flip
+from vit_model import VisionTransformer, vit_base, vit_cifar
+
+
+def alternate(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Run each function `rounds` times, interleaved; median seconds per call."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(fn())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def train_step_timer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> float:
+        t = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    step()  # warm-up
+    return step
+
+
+def bench_model(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    cases = [
+        ("ViT-B/16, 224x224", args.batch_b16, vit_base(),
+         torchvision.models.vit_b_16()),
+        ("vit_cifar_tiny, 32x32", args.batch_cifar, vit_cifar("vit_cifar_tiny"),
+         torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=6, num_heads=4,
+                                              hidden_dim=128, mlp_dim=256, num_classes=10)),
+    ]
+    print(f"forward + backward + AdamW step, fp32, {device}, median of {args.rounds} interleaved rounds")
+    for name, batch, ours, ref in cases:
+        ours: VisionTransformer
+        size = ours.config.img_size
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+        x = torch.randn(batch, 3, size, size, device=device)
+        y = torch.randint(0, ours.config.num_classes, (batch,), device=device)
+        res = alternate({"ours": train_step_timer(ours.to(device).train(), x, y),
+                         "torchvision": train_step_timer(ref.to(device).train(), x, y)}, args.rounds)
+        print(f"  {name:<24s} batch {batch:>4d}: ours {batch / res['ours']:8.1f} img/s, torchvision "
+              f"{batch / res['torchvision']:8.1f} img/s, ratio ours/torchvision {res['torchvision'] / res['ours']:.2f}x")
+
+
+class PILCifar(Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: array -> PIL image -> transforms."""
+
+    def __init__(self, images: torch.Tensor, transform: Callable) -> None:
+        self.images = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) uint8
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i]))
+
+
+def bench_data(args: argparse.Namespace) -> None:
+    if args.data_dir:
+        images = load_dataset(args.data_dir, download=False).train_x[: args.num_images]
+    else:
+        images = torch.randint(0, 256, (args.num_images, 3, 32, 32), dtype=torch.uint8)
+    n, bs = len(images), args.batch_size
+    print(f"augmentation of {n} images, batch {bs}; reference: DataLoader({args.workers} workers) + PIL")
+    for policy in ("crop+flip", "crop+flip+RandAugment(2, 9)"):
+        strong = "RandAugment" in policy
+        pil = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+        pil += [T.RandAugment(2, 9)] if strong else []
+        pil += [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+        loader = DataLoader(PILCifar(images, T.Compose(pil)), batch_size=bs, shuffle=True,
+                            num_workers=args.workers, persistent_workers=args.workers > 0)
+
+        def reference() -> float:
+            t = time.perf_counter()
+            for _ in loader:
+                pass
+            return time.perf_counter() - t
+
+        def ours() -> float:
+            t = time.perf_counter()
+            perm = torch.randperm(n)
+            for i in range(0, n - bs + 1, bs):
+                x = random_crop_flip(images[perm[i:i + bs]], 4, True)
+                if strong:
+                    x = rand_augment(x, 2, 9)
+                normalize(x)
+            return time.perf_counter() - t
+
+        reference()  # start the workers
+        res = alternate({"ours": ours, "reference": reference}, args.rounds)
+        print(f"  {policy:<30s} ours {n / res['ours']:9.0f} img/s, reference {n / res['reference']:7.0f} img/s, "
+              f"ratio {res['reference'] / res['ours']:.1f}x")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("model", help="forward + backward speed: ours vs torchvision")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    m.add_argument("--batch-b16", type=int, default=8, help="batch size for ViT-B/16")
+    m.add_argument("--batch-cifar", type=int, default=128, help="batch size for the CIFAR preset")
+    m.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
+    d = sub.add_parser("data", help="augmentation speed: ours vs DataLoader + PIL transforms")
+    d.add_argument("--data-dir", help="CIFAR-10 (as in train_cifar10.py); random images if not given")
+    d.add_argument("--num-images", type=int, default=10000, help="images per timing round")
+    d.add_argument("--batch-size", type=int, default=256, help="batch size")
+    d.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
+    d.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    bench_model(args) if args.what == "model" else bench_data(args)
+
+
+if __name__ == "__main__":
+    main()

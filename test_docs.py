@@ -1,0 +1,110 @@
+"""The documents cannot drift from the code: every table marked `<!-- check:NAME -->` in
+vit_architecture.md and README.md is recomputed from vit_model.py and compared cell by cell."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_model import parameter_table, shape_trace
+from vit_model import estimate_flops, vit_base, vit_cifar, vit_huge, vit_large
+
+HERE = Path(__file__).resolve().parent
+DOCS = [HERE / "vit_architecture.md", HERE / "README.md"]
+
+
+def checked_tables(name: str) -> list[list[list[str]]]:
+    """Every markdown table that follows a `<!-- check:name -->` marker, in both documents."""
+    tables = []
+    for doc in DOCS:
+        lines = doc.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if line.strip() == f"<!-- check:{name} -->":
+                rows = []
+                for row in lines[i + 1:]:
+                    if not row.startswith("|"):
+                        break
+                    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+                    if not set("".join(cells)) <= set("-: "):
+                        rows.append(cells)
+                tables.append(rows[1:])  # drop the header
+    return tables
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+def model_by_name(name: str, img: int):
+    if name.startswith("vit_cifar"):
+        return vit_cifar(name)
+    family, patch = re.fullmatch(r"ViT-([BLH])/(\d+)", name).groups()
+    factory = {"B": vit_base, "L": vit_large, "H": vit_huge}[family]
+    return factory(patch_size=int(patch), img_size=img)
+
+
+def test_every_marked_table_is_found():
+    assert len(checked_tables("shapes")) >= 1
+    assert len(checked_tables("params")) >= 2  # architecture guide and README
+    assert len(checked_tables("flops")) >= 1
+    assert len(checked_tables("b16-breakdown")) >= 1
+
+
+def test_shape_table_matches_a_real_forward_pass():
+    with torch.device("meta"):  # shapes only, no memory
+        traces = [shape_trace(vit_base(), torch.empty(2, 3, 224, 224)),
+                  shape_trace(vit_cifar("vit_cifar_tiny"), torch.empty(2, 3, 32, 32))]
+    for table in checked_tables("shapes"):
+        keys = set()
+        for row in table:
+            key = row[1].strip("`")
+            keys.add(key)
+            for cell, trace in zip(row[2:4], traces, strict=True):
+                documented = tuple(int(v) for v in cell.replace("B", "2").strip("()").split(","))
+                actual = [s for k, _, s in trace if (k.startswith("blocks.") if key == "blocks.*" else k == key)]
+                assert actual and all(s == documented for s in actual), (key, cell, actual)
+        assert keys >= {"input", "patch_embed.proj", "patch_embed", "z0", "blocks.*", "norm", "pool", "head"}
+
+
+def test_parameter_tables_match_the_code():
+    rows = {name: (cfg, n) for name, cfg, n in parameter_table()}
+    for table in checked_tables("params"):
+        assert {r[0] for r in table} == set(rows)
+        for name, img, patch, depth, dim, mlp, heads, tokens, count in table:
+            cfg, n = rows[name]
+            assert [int(img), int(patch), int(depth), int(dim), int(mlp), int(heads), int(tokens)] == [
+                cfg.img_size, cfg.patch_size, cfg.depth, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio),
+                cfg.num_heads, cfg.num_tokens], name
+            assert number(count) == n, name
+
+
+def test_b16_parameter_breakdown_matches_the_code():
+    with torch.device("meta"):
+        model = vit_base()
+    counts = {"total": sum(p.numel() for p in model.parameters())}
+    for name, p in model.named_parameters():
+        part = name.split(".")[0]
+        counts[part] = counts.get(part, 0) + p.numel()
+    for table in checked_tables("b16-breakdown"):
+        assert {r[0].strip("`") for r in table} == set(counts)
+        for part, formula, count in table:
+            assert number(count) == counts[part.strip("`")], part
+            if formula:  # the written formula evaluates to the same number
+                assert eval(formula.replace("·", "*").replace("²", "**2")) == counts[part.strip("`")]
+
+
+@pytest.mark.parametrize("table_index", [0])
+def test_flops_table_matches_the_formula(table_index):
+    table = checked_tables("flops")[table_index]
+    for name, img, patch, tokens, linear, attention, total in table:
+        with torch.device("meta"):
+            model = model_by_name(name, int(img))
+        cfg = model.config
+        f = estimate_flops(cfg)
+        assert (cfg.patch_size, cfg.num_tokens) == (int(patch), int(tokens)), name
+        assert number(linear) == round(f["blocks_linear"] / 1e9, 3), name
+        assert number(attention) == round(f["blocks_attention"] / 1e9, 3), name
+        assert number(total) == round(f["total"] / 1e9, 3), name
