@@ -68,8 +68,9 @@ def bench_model(args: argparse.Namespace) -> None:
         y = torch.randint(0, ours.config.num_classes, (batch,), device=device)
         res = alternate({"ours": train_step_timer(ours.to(device).train(), x, y),
                          "torchvision": train_step_timer(ref.to(device).train(), x, y)}, args.rounds)
+        speedup = res["torchvision"] / res["ours"]
         print(f"  {name:<24s} batch {batch:>4d}: ours {batch / res['ours']:8.1f} img/s, torchvision "
-              f"{batch / res['torchvision']:8.1f} img/s, ratio ours/torchvision {res['torchvision'] / res['ours']:.2f}x")
+              f"{batch / res['torchvision']:8.1f} img/s, ratio ours/torchvision {speedup:.2f}x")
 
 
 class PILCifar(Dataset):
@@ -103,13 +104,13 @@ def bench_data(args: argparse.Namespace) -> None:
         loader = DataLoader(PILCifar(images, T.Compose(pil)), batch_size=bs, shuffle=True,
                             num_workers=args.workers, persistent_workers=args.workers > 0)
 
-        def reference() -> float:
+        def reference(loader: DataLoader = loader) -> float:
             t = time.perf_counter()
             for _ in loader:
                 pass
             return time.perf_counter() - t
 
-        def ours() -> float:
+        def ours(strong: bool = strong) -> float:
             t = time.perf_counter()
             perm = torch.randperm(n)
             for i in range(0, n - bs + 1, bs):

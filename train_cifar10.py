@@ -150,7 +150,7 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None = None
         if changed:
             raise ValueError(f"--resume: the checkpoint was trained with another model config; "
                              f"differences (checkpoint, flag): {changed}")
-        return TrainConfig(**{**saved, **given})
+        return TrainConfig(**{**saved, "stop_at_epoch": 0, **given})  # a stop applies to one run only
     preset = PRESETS[args.preset] if args.preset else {}
     cfg = TrainConfig(**{**preset, **given})
     choices = {"model": tuple(CIFAR_PRESETS), "wandb": ("offline", "online", "off"),
@@ -341,7 +341,7 @@ def save_confusion_png(confusion: Tensor, classes: tuple[str, ...], path: Path, 
     plt = pyplot()
     cm = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+    im = ax.imshow(cm.numpy(), cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
             ax.text(j, i, f"{cm[i, j]:.2f}", ha="center", va="center", fontsize=7,
