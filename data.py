@@ -134,37 +134,59 @@ def load_dataset(data_dir: str | Path, download: bool = True, img_size: int = 32
 # --------------------------------------------------------------------------------------------
 
 def random_crop_flip(x: Tensor, pad: int = 4, flip: bool = True) -> Tensor:
-    """Random crop after zero padding, and a horizontal flip, each drawn per sample."""
+    """Random crop after zero padding, and a horizontal flip, each drawn per sample.
+
+    Both are one gather from the padded batch: output pixel (y, x) of sample b reads padded pixel
+    (oy_b + y, ox_b + x), or (oy_b + y, ox_b + W-1-x) when b is flipped.
+    """
     B, C, H, W = x.shape
-    if pad > 0:
-        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
-        oy = torch.randint(0, 2 * pad + 1, (B, 1, 1), device=x.device)
-        ox = torch.randint(0, 2 * pad + 1, (B, 1, 1), device=x.device)
-        rows = oy + torch.arange(H, device=x.device).view(1, H, 1)  # (B, H, 1)
-        cols = ox + torch.arange(W, device=x.device).view(1, 1, W)  # (B, 1, W)
-        b = torch.arange(B, device=x.device).view(B, 1, 1)
-        x = xp.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    dev = x.device
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    oy = torch.randint(0, 2 * pad + 1, (B, 1, 1), device=dev)
+    ox = torch.randint(0, 2 * pad + 1, (B, 1, 1), device=dev)
+    cols = torch.arange(W, device=dev).view(1, 1, W).expand(B, 1, W)  # (B, 1, W)
     if flip:
-        mirror = torch.rand(B, 1, 1, 1, device=x.device) < 0.5
-        x = torch.where(mirror, x.flip(-1), x)
-    return x
+        mirror = torch.rand(B, 1, 1, device=dev) < 0.5
+        cols = torch.where(mirror, W - 1 - cols, cols)
+    rows = oy + torch.arange(H, device=dev).view(1, H, 1)  # (B, H, 1)
+    idx = rows * (W + 2 * pad) + ox + cols  # (B, H, W), flat index into the padded image
+    out = xp.flatten(2).gather(2, idx.view(B, 1, H * W).expand(B, C, H * W))  # (B, C, H*W)
+    return out.view(B, C, H, W)
 
 
-def _affine(img: Tensor, **kw: float) -> Tensor:
-    args = dict(angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, 0.0])
-    args.update(kw)
-    return TF.affine(img, **args, interpolation=TF.InterpolationMode.NEAREST, fill=128)
+def warp(img: Tensor, a: float = 1.0, b: float = 0.0, c: float = 0.0, d: float = 0.0, e: float = 1.0,
+         f: float = 0.0, fill: int = 128) -> Tensor:
+    """Affine warp with nearest-neighbour sampling of a uint8 batch (B, C, H, W), one gather.
+
+    Output pixel (x, y), taken relative to the image centre, reads input pixel
+    (a x + b y + c, d x + e y + f); pixels from outside the image get `fill`.
+    """
+    B, C, H, W = img.shape
+    ys, xs = torch.meshgrid(torch.arange(H, device=img.device, dtype=torch.float32),
+                            torch.arange(W, device=img.device, dtype=torch.float32), indexing="ij")
+    cx, cy = (W - 1) / 2, (H - 1) / 2
+    sx = (a * (xs - cx) + b * (ys - cy) + c + cx).round().long()  # (H, W)
+    sy = (d * (xs - cx) + e * (ys - cy) + f + cy).round().long()
+    inside = (sx >= 0) & (sx < W) & (sy >= 0) & (sy < H)
+    idx = (sy.clamp(0, H - 1) * W + sx.clamp(0, W - 1)).flatten()  # (H*W,)
+    out = img.flatten(2)[:, :, idx].view(B, C, H, W)
+    return torch.where(inside, out, torch.full_like(out, fill))
+
+
+def _rotate(img: Tensor, degrees: float) -> Tensor:
+    t = math.radians(degrees)
+    return warp(img, math.cos(t), math.sin(t), 0.0, -math.sin(t), math.cos(t), 0.0)
 
 
 # RandAugment (Cubuk et al., 2020): name -> (op(img, v), magnitude at M=30, signed). Magnitude M in
 # [0, 30] scales linearly as in torchvision's RandAugment (num_bins=31).
 RANDAUG_OPS: dict[str, tuple[Callable[[Tensor, float], Tensor], float, bool]] = {
     "Identity": (lambda im, v: im, 0.0, False),
-    "ShearX": (lambda im, v: _affine(im, shear=[math.degrees(math.atan(v)), 0.0]), 0.3, True),
-    "ShearY": (lambda im, v: _affine(im, shear=[0.0, math.degrees(math.atan(v))]), 0.3, True),
-    "TranslateX": (lambda im, v: _affine(im, translate=[int(v * im.shape[-1]), 0]), 0.45, True),
-    "TranslateY": (lambda im, v: _affine(im, translate=[0, int(v * im.shape[-2])]), 0.45, True),
-    "Rotate": (lambda im, v: _affine(im, angle=v), 30.0, True),
+    "ShearX": (lambda im, v: warp(im, b=v), 0.3, True),
+    "ShearY": (lambda im, v: warp(im, d=v), 0.3, True),
+    "TranslateX": (lambda im, v: warp(im, c=round(v * im.shape[-1])), 0.45, True),
+    "TranslateY": (lambda im, v: warp(im, f=round(v * im.shape[-2])), 0.45, True),
+    "Rotate": (_rotate, 30.0, True),
     "Brightness": (lambda im, v: TF.adjust_brightness(im, 1.0 + v), 0.9, True),
     "Color": (lambda im, v: TF.adjust_saturation(im, 1.0 + v), 0.9, True),
     "Contrast": (lambda im, v: TF.adjust_contrast(im, 1.0 + v), 0.9, True),
@@ -202,10 +224,11 @@ def rand_augment(x: Tensor, num_ops: int = 2, magnitude: int = 9) -> Tensor:
 
 def normalize(x: Tensor, mean: tuple[float, ...] = CIFAR10_MEAN,
               std: tuple[float, ...] = CIFAR10_STD) -> Tensor:
-    """uint8 (B, C, H, W) -> float (B, C, H, W), per-channel standardised."""
+    """uint8 (B, C, H, W) -> float (B, C, H, W), per-channel standardised: (x/255 - mean) / std,
+    computed in one fused pass as x * 1/(255 std) + (-mean/std)."""
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x.float() / 255.0 - m) / s
+    return torch.addcmul(-m / s, x.float(), 1.0 / (255.0 * s))
 
 
 def _boxes(B: int, H: int, W: int, h: Tensor, w: Tensor, device: torch.device) -> Tensor:

@@ -302,3 +302,30 @@ def test_ddp_with_two_cpu_processes(batches_dir, tmp_path):
     assert len(ckpt["rng_states"]) == 2  # one per process, for exact resume
     assert out.count("starting run") == 1  # only rank 0 logs
     assert 0 <= ckpt["history"][-1]["eval_acc"] <= 1
+
+
+def test_normalize_matches_the_formula():
+    from data import CIFAR10_MEAN, CIFAR10_STD, normalize
+
+    x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize(x), (x.float() / 255 - mean) / std)
+
+
+def test_warp_translates_shears_and_rotates_exactly():
+    from data import warp
+
+    img = torch.arange(2 * 1 * 5 * 5).view(2, 1, 5, 5).to(torch.uint8)
+    assert torch.equal(warp(img), img)  # identity
+    shifted = warp(img, c=1, fill=0)  # output (x, y) reads input (x + 1, y)
+    assert torch.equal(shifted[..., :4], img[..., 1:]) and (shifted[..., 4] == 0).all()
+    sheared = warp(img, b=1.0, fill=0)  # row y (from the centre row) moves by y - 2
+    for y in range(5):
+        s = y - 2
+        for x in range(5):
+            expected = img[:, :, y, x + s] if 0 <= x + s < 5 else torch.zeros(2, 1, dtype=torch.uint8)
+            assert torch.equal(sheared[:, :, y, x], expected)
+    from data import RANDAUG_OPS
+
+    rot90 = RANDAUG_OPS["Rotate"][0](img, 90.0)
+    assert any(torch.equal(rot90, torch.rot90(img, k=k, dims=(2, 3))) for k in (1, -1))
