@@ -33,8 +33,6 @@ from vit_model import (
     vit_large,
 )
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
-
 
 def tiny(**kw) -> VisionTransformer:
     cfg = dict(img_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=2, num_heads=4)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from data import CIFAR10_MEAN, CIFAR10_STD, DataNotFoundError, load_dataset, read_image
+from data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, DataNotFoundError, load_dataset, read_image
 from train_cifar10 import find_latest_checkpoint, load_checkpoint, model_from_checkpoint, pyplot
 from vit_model import VisionTransformer, load_jax_npz, load_torchvision_pretrained
 
@@ -338,12 +338,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     attentions, preds = collect_attention(model, images, mean, std)
     dist = mean_attention_distance(attentions, grid, P, pre)
     t_dist = time.perf_counter() - t0
-    classes = labels if args.images else None
-    pred_names = [str(int(p)) for p in preds]
-    if classes is None and cfg.num_classes == 10:
-        from data import CIFAR10_CLASSES
-
-        pred_names = [CIFAR10_CLASSES[int(p)] for p in preds]
+    names = CIFAR10_CLASSES if cfg.num_classes == len(CIFAR10_CLASSES) else None
+    pred_names = [names[int(p)] if names else str(int(p)) for p in preds]
 
     files = {name: out / f"{name}.png" for name in (
         "fig7_embedding_filters", "fig7_position_similarity", "fig7_attention_distance",
