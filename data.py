@@ -154,71 +154,171 @@ def random_crop_flip(x: Tensor, pad: int = 4, flip: bool = True) -> Tensor:
     return out.view(B, C, H, W)
 
 
-def warp(img: Tensor, a: float = 1.0, b: float = 0.0, c: float = 0.0, d: float = 0.0, e: float = 1.0,
-         f: float = 0.0, fill: int = 128) -> Tensor:
+def _source_index(H: int, W: int, a: Tensor, b: Tensor, c: Tensor, d: Tensor, e: Tensor, f: Tensor) -> Tensor:
+    """Nearest-neighbour sampling maps of U affine warps, each coefficient a (U,) tensor: output pixel
+    (x, y), relative to the image centre, reads input pixel (a x + b y + c, d x + e y + f). Returns
+    flat source indices (U, H*W), with H*W for pixels from outside the image."""
+    a, b, c, d, e, f = (k.float().view(-1, 1, 1) for k in (a, b, c, d, e, f))  # each (U, 1, 1)
+    dev = a.device
+    ys, xs = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32) - (H - 1) / 2,
+                            torch.arange(W, device=dev, dtype=torch.float32) - (W - 1) / 2, indexing="ij")
+    sx = (a * xs + b * ys + c + (W - 1) / 2).round().long()  # (U, H, W) source column
+    sy = (d * xs + e * ys + f + (H - 1) / 2).round().long()  # (U, H, W) source row
+    inside = (sx >= 0) & (sx < W) & (sy >= 0) & (sy < H)
+    return torch.where(inside, sy * W + sx, H * W).view(-1, H * W)
+
+
+def _gather_pixels(img: Tensor, idx: Tensor, fill: int) -> Tensor:
+    """out[b, :, p] = img[b, :, idx[b, p]] for a uint8 batch (B, C, H, W) and idx (B, H*W); index
+    H*W reads `fill`."""
+    B, C, H, W = img.shape
+    flat = torch.cat([img.flatten(2), img.new_full((B, C, 1), fill)], 2)  # (B, C, H*W + 1)
+    return flat.gather(2, idx.unsqueeze(1).expand(B, C, H * W)).view(B, C, H, W)
+
+
+def warp(img: Tensor, a: float | Tensor = 1.0, b: float | Tensor = 0.0, c: float | Tensor = 0.0,
+         d: float | Tensor = 0.0, e: float | Tensor = 1.0, f: float | Tensor = 0.0, fill: int = 128) -> Tensor:
     """Affine warp with nearest-neighbour sampling of a uint8 batch (B, C, H, W), one gather.
 
     Output pixel (x, y), taken relative to the image centre, reads input pixel
-    (a x + b y + c, d x + e y + f); pixels from outside the image get `fill`.
+    (a x + b y + c, d x + e y + f); pixels from outside the image get `fill`. Each coefficient is
+    a number (the same for all samples) or a (B,) tensor (one per sample).
     """
-    B, C, H, W = img.shape
-    ys, xs = torch.meshgrid(torch.arange(H, device=img.device, dtype=torch.float32),
-                            torch.arange(W, device=img.device, dtype=torch.float32), indexing="ij")
-    cx, cy = (W - 1) / 2, (H - 1) / 2
-    sx = (a * (xs - cx) + b * (ys - cy) + c + cx).round().long()  # (H, W)
-    sy = (d * (xs - cx) + e * (ys - cy) + f + cy).round().long()
-    inside = (sx >= 0) & (sx < W) & (sy >= 0) & (sy < H)
-    idx = (sy.clamp(0, H - 1) * W + sx.clamp(0, W - 1)).flatten()  # (H*W,)
-    out = img.flatten(2)[:, :, idx].view(B, C, H, W)
-    return torch.where(inside, out, torch.full_like(out, fill))
+    B, _, H, W = img.shape
+    coef = torch.broadcast_tensors(*(torch.as_tensor(k, device=img.device).reshape(-1) for k in (a, b, c, d, e, f)))
+    return _gather_pixels(img, _source_index(H, W, *coef).expand(B, H * W), fill)
 
 
-def _rotate(img: Tensor, degrees: float) -> Tensor:
-    t = math.radians(degrees)
-    return warp(img, math.cos(t), math.sin(t), 0.0, -math.sin(t), math.cos(t), 0.0)
-
-
-# RandAugment (Cubuk et al., 2020): name -> (op(img, v), magnitude at M=30, signed). Magnitude M in
-# [0, 30] scales linearly as in torchvision's RandAugment (num_bins=31).
-RANDAUG_OPS: dict[str, tuple[Callable[[Tensor, float], Tensor], float, bool]] = {
-    "Identity": (lambda im, v: im, 0.0, False),
-    "ShearX": (lambda im, v: warp(im, b=v), 0.3, True),
-    "ShearY": (lambda im, v: warp(im, d=v), 0.3, True),
-    "TranslateX": (lambda im, v: warp(im, c=round(v * im.shape[-1])), 0.45, True),
-    "TranslateY": (lambda im, v: warp(im, f=round(v * im.shape[-2])), 0.45, True),
-    "Rotate": (_rotate, 30.0, True),
-    "Brightness": (lambda im, v: TF.adjust_brightness(im, 1.0 + v), 0.9, True),
-    "Color": (lambda im, v: TF.adjust_saturation(im, 1.0 + v), 0.9, True),
-    "Contrast": (lambda im, v: TF.adjust_contrast(im, 1.0 + v), 0.9, True),
-    "Sharpness": (lambda im, v: TF.adjust_sharpness(im, 1.0 + v), 0.9, True),
-    "Posterize": (lambda im, v: TF.posterize(im, 8 - int(round(v))), 4.0, False),
-    "Solarize": (lambda im, v: TF.solarize(im, 255.0 - v), 255.0, False),
-    "AutoContrast": (lambda im, v: TF.autocontrast(im), 0.0, False),
-    "Equalize": (lambda im, v: TF.equalize(im), 0.0, False),
+# RandAugment (Cubuk et al., 2020) as in torchvision's RandAugment (num_bins=31): each operation's
+# magnitude at M=30, whether its sign is drawn, and the family of operations it runs in. One call
+# per family handles all of its samples at once, each with its own operation and magnitude.
+RANDAUG_OPS: dict[str, tuple[float, bool, str]] = {
+    "Identity": (0.0, False, "identity"),
+    "ShearX": (0.3, True, "affine"),
+    "ShearY": (0.3, True, "affine"),
+    "TranslateX": (0.45, True, "affine"),  # fraction of the image size
+    "TranslateY": (0.45, True, "affine"),
+    "Rotate": (30.0, True, "affine"),  # degrees
+    "Brightness": (0.9, True, "blend"),  # factor 1 + v
+    "Color": (0.9, True, "blend"),
+    "Contrast": (0.9, True, "blend"),
+    "Sharpness": (0.9, True, "blend"),
+    "Posterize": (4.0, False, "posterize"),  # bits removed
+    "Solarize": (255.0, False, "solarize"),  # threshold 255 - v
+    "AutoContrast": (0.0, False, "autocontrast"),
+    "Equalize": (0.0, False, "equalize"),
 }
+_OP = {name: i for i, name in enumerate(RANDAUG_OPS)}
+
+
+def _affine_ops(img: Tensor, op: Tensor, v: Tensor) -> Tensor:
+    """ShearX/Y, TranslateX/Y and Rotate, per sample, as one gather. Sampling maps are built once
+    per distinct (operation, magnitude) pair, not once per sample."""
+    H, W = img.shape[-2:]
+    values, v_id = torch.unique(v, return_inverse=True)
+    pairs, which = torch.unique(op * len(values) + v_id, return_inverse=True)  # distinct (op, v)
+    op, v = pairs // len(values), values[pairs % len(values)]  # (U,) each
+    zero, one, t = torch.zeros_like(v), torch.ones_like(v), torch.deg2rad(v)
+    rot = op == _OP["Rotate"]
+    idx = _source_index(H, W,
+                        a=torch.where(rot, t.cos(), one),
+                        b=torch.where(op == _OP["ShearX"], v, torch.where(rot, t.sin(), zero)),
+                        c=torch.where(op == _OP["TranslateX"], (v * W).round(), zero),
+                        d=torch.where(op == _OP["ShearY"], v, torch.where(rot, -t.sin(), zero)),
+                        e=torch.where(rot, t.cos(), one),
+                        f=torch.where(op == _OP["TranslateY"], (v * H).round(), zero))  # (U, H*W)
+    return _gather_pixels(img, idx[which], fill=128)
+
+
+def _blend_ops(img: Tensor, op: Tensor, v: Tensor) -> Tensor:
+    """Brightness, Color, Contrast and Sharpness, per sample: each blends the image x with a
+    reference image by the factor r = 1 + v, out = r x + (1 - r) ref, with the same float steps as
+    torchvision's adjust_* functions (reference: 0, the grey image, its mean, a 3x3 blur)."""
+    n, C, H, W = img.shape
+    r64 = 1.0 + v
+    r, q = r64.float().view(n, 1, 1, 1), (1.0 - r64).float().view(n, 1, 1, 1)  # r, 1 - r
+    x = img.float()  # (n, C, H, W)
+    red, green, blue = img.unbind(1)
+    gray = red.mul(0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114).floor_().unsqueeze(1)  # (n, 1, H, W)
+    ref = torch.where((op == _OP["Color"]).view(n, 1, 1, 1), gray,
+                      gray.mean((1, 2, 3), keepdim=True) * (op == _OP["Contrast"]).view(n, 1, 1, 1))
+    out = torch.addcmul(x * r, ref, q)  # Brightness (ref 0), Color, Contrast; one rounding, as torchvision
+    sharp = (op == _OP["Sharpness"]).nonzero().squeeze(1)
+    if sharp.numel():  # smooth the interior, keep the border: x + (1 - r) (blur - x)
+        xs = x.index_select(0, sharp)  # (k, C, H, W)
+        inner = xs[..., 1:-1, 1:-1]
+        blur = 4.0 * inner  # kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13
+        for dy in range(3):
+            for dx in range(3):
+                blur += xs[..., dy:dy + H - 2, dx:dx + W - 2]
+        blur = blur.div_(13.0).round_()  # (k, C, H-2, W-2)
+        inner += (blur - inner) * q.index_select(0, sharp)
+        out.index_copy_(0, sharp, xs)
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _posterize(img: Tensor, op: Tensor, v: Tensor) -> Tensor:
+    bits = 8 - v.round().long()  # (n,) bits kept
+    mask = ((255 << (8 - bits)) & 255).to(torch.uint8).view(-1, 1, 1, 1)
+    return img & mask
+
+
+def _solarize(img: Tensor, op: Tensor, v: Tensor) -> Tensor:
+    threshold = (255.0 - v).float().view(-1, 1, 1, 1)
+    return torch.where(img >= threshold, 255 - img, img)
+
+
+_RANDAUG_FAMILIES: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "affine": _affine_ops,
+    "blend": _blend_ops,
+    "posterize": _posterize,
+    "solarize": _solarize,
+    "autocontrast": lambda img, op, v: TF.autocontrast(img),
+    "equalize": lambda img, op, v: TF.equalize(img),
+}
+
+
+_RANDAUG_TABLE = (  # per operation: magnitude at M=30, signed, family number (Identity: last)
+    torch.tensor([m for m, _, _ in RANDAUG_OPS.values()], dtype=torch.float64),
+    torch.tensor([s for _, s, _ in RANDAUG_OPS.values()]),
+    torch.tensor([list(_RANDAUG_FAMILIES).index(f) if f in _RANDAUG_FAMILIES else len(_RANDAUG_FAMILIES)
+                  for _, _, f in RANDAUG_OPS.values()]),
+)
+
+
+def apply_randaug_op(img: Tensor, name: str, v: float) -> Tensor:
+    """One RandAugment operation with signed magnitude v on every sample of a uint8 batch."""
+    family = RANDAUG_OPS[name][2]
+    if family == "identity":
+        return img
+    n = img.shape[0]
+    op = torch.full((n,), _OP[name], device=img.device)
+    return _RANDAUG_FAMILIES[family](img, op, torch.full((n,), float(v), dtype=torch.float64, device=img.device))
 
 
 def rand_augment(x: Tensor, num_ops: int = 2, magnitude: int = 9) -> Tensor:
     """RandAugment with the operation and its sign drawn per sample.
 
-    The batch is split by the drawn operation (and sign) so each operation runs once, batched,
-    on just the samples that drew it.
+    Each round sorts the batch by operation family (affine, blend, ...), runs every family once on
+    its contiguous slice, with per-sample operation and magnitude, and puts the samples back.
     """
-    names = list(RANDAUG_OPS)
+    B, dev = x.shape[0], x.device
+    families = [*_RANDAUG_FAMILIES.values(), None]  # None: Identity, sorted last
+    max_v, signed, family_of = (t.to(dev) for t in _RANDAUG_TABLE)
     for _ in range(num_ops):
-        op_ids = torch.randint(len(names), (x.shape[0],), device=x.device)
-        negative = torch.rand(x.shape[0], device=x.device) < 0.5
-        x = x.clone()
-        for i, name in enumerate(names):
-            fn, max_v, signed = RANDAUG_OPS[name]
-            if name == "Identity":
-                continue
-            v = max_v * magnitude / 30.0
-            for neg in ((False, True) if signed else (False,)):
-                sel = (op_ids == i) & (negative == neg) if signed else op_ids == i
-                idx = sel.nonzero().squeeze(1)
-                if idx.numel():
-                    x[idx] = fn(x[idx], -v if neg else v)
+        op = torch.randint(len(RANDAUG_OPS), (B,), device=dev)
+        flip = signed[op] & (torch.rand(B, device=dev) < 0.5)
+        v = max_v[op] * (magnitude / 30.0) * (1.0 - 2.0 * flip.double())  # (B,) signed magnitudes
+        fam = family_of[op]
+        order = torch.argsort(fam, stable=True)
+        counts = torch.bincount(fam, minlength=len(families)).tolist()
+        xs, op, v = x.index_select(0, order), op[order], v[order]  # grouped by family
+        parts, start = [], 0
+        for fn, n in zip(families, counts, strict=True):
+            part = xs[start:start + n]
+            parts.append(fn(part, op[start:start + n], v[start:start + n]) if fn is not None and n else part)
+            start += n
+        x = torch.cat(parts).index_select(0, torch.argsort(order))  # back to the batch order
     return x
 
 

@@ -17,7 +17,9 @@ from PIL import Image
 
 import train_cifar10 as tc
 from data import (
+    RANDAUG_OPS,
     DataNotFoundError,
+    apply_randaug_op,
     load_dataset,
     mixup_cutmix,
     rand_augment,
@@ -114,13 +116,50 @@ def test_crop_and_flip_are_drawn_per_sample():
     assert 16 < sum(f for _, _, f in draws) < 48  # about half flipped
 
 
-def test_rand_augment_is_per_sample_and_keeps_dtype():
+def test_randaug_colour_ops_match_torchvision():
+    import torchvision.transforms.v2.functional as TF
+
     torch.manual_seed(0)
-    x = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).expand(64, 3, 32, 32).contiguous()
-    out = rand_augment(x, num_ops=2, magnitude=9)
+    img = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
+    img[0] = 255  # saturated and dark images as edge cases
+    img[1] //= 8
+    reference = {  # torchvision's functions, as its RandAugment calls them, with v the signed magnitude
+        "Brightness": lambda im, v: TF.adjust_brightness(im, 1 + v),
+        "Color": lambda im, v: TF.adjust_saturation(im, 1 + v),
+        "Contrast": lambda im, v: TF.adjust_contrast(im, 1 + v),
+        "Sharpness": lambda im, v: TF.adjust_sharpness(im, 1 + v),
+        "Posterize": lambda im, v: TF.posterize(im, 8 - int(round(v))),
+        "Solarize": lambda im, v: TF.solarize(im, 255.0 - v),
+        "AutoContrast": lambda im, v: TF.autocontrast(im),
+        "Equalize": lambda im, v: TF.equalize(im),
+    }
+    for name, fn in reference.items():
+        max_v, signed, family = RANDAUG_OPS[name]
+        for magnitude in (9, 30):
+            for sign in (1, -1) if signed else (1,):
+                v = sign * max_v * magnitude / 30
+                ours = apply_randaug_op(img, name, v).int()
+                theirs = torch.stack([fn(im[None], v)[0] for im in img]).int()  # one image at a time
+                diff = (ours - theirs).abs()
+                if family == "blend":  # float rounding may differ across CPUs (fused multiply-add)
+                    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (name, v)
+                else:
+                    assert diff.max() == 0, (name, v)
+
+
+def test_rand_augment_draws_one_op_per_sample():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (96, 3, 8, 8), dtype=torch.uint8)
+    out = rand_augment(x, num_ops=1, magnitude=9)
     assert out.dtype == torch.uint8 and out.shape == x.shape
-    distinct = {o.numpy().tobytes() for o in out}
-    assert len(distinct) > 15
+    drawn = []
+    for i in range(len(x)):  # each output is some single operation, with some sign, of its own input
+        candidates = [(name, sign) for name, (max_v, signed, _) in RANDAUG_OPS.items()
+                      for sign in ((1, -1) if signed else (1,))
+                      if torch.equal(out[i:i + 1], apply_randaug_op(x[i:i + 1], name, sign * max_v * 9 / 30))]
+        assert candidates, f"sample {i} is no single RandAugment operation of its input"
+        drawn.append(candidates[0])
+    assert len(set(drawn)) > 12  # operations and signs vary within the batch
 
 
 def test_cutmix_targets_match_pixel_areas():
@@ -211,6 +250,22 @@ def test_resume_continues_exactly(batches_dir, tmp_path):
     assert [h["eval_acc"] for h in ca["history"]] == [h["eval_acc"] for h in cb["history"]]
 
 
+def test_time_budget_stops_on_time_with_the_decay_done(batches_dir, tmp_path):
+    args = [*FAST, "--epochs", "1000", "--time-budget", "0.1", "--patch-drop", "0.5", "--full-token-epochs", "1",
+            "--lr", "1e-3", "--min-lr", "1e-5", "--data-dir", str(batches_dir), "--out-dir", str(tmp_path),
+            "--run-name", "budget"]
+    hist = tc.train(tc.parse_args(args))["history"]
+    assert 2 < len(hist) < 1000
+    assert 6.0 <= hist[-1]["elapsed_min"] * 60 < 6.0 + 5.0  # 0.1 min, then one evaluation
+    assert hist[-1]["lr"] == pytest.approx(1e-5)  # the cosine decay ended with the time
+    lrs = [h["lr"] for h in hist[1:]]
+    assert lrs == sorted(lrs, reverse=True)
+    drops = [h["patch_drop"] for h in hist]  # patch dropout first, all tokens at the end
+    assert drops[0] == 0.5 and drops[-1] == 0.0 and drops == sorted(drops, reverse=True)
+    run_main(["--resume", str(tmp_path / "budget" / "last.pt")])  # nothing left to do
+    assert torch.load(tmp_path / "budget" / "last.pt", weights_only=True)["history"] == hist
+
+
 def test_resume_with_another_model_is_refused_and_loses_nothing(batches_dir, tmp_path, capsys):
     run_main([*FAST, "--data-dir", str(batches_dir), "--out-dir", str(tmp_path), "--run-name", "r"])
     ckpt = tmp_path / "r" / "last.pt"
@@ -228,6 +283,7 @@ def test_resume_with_another_model_is_refused_and_loses_nothing(batches_dir, tmp
     (["--embed-dim", "30", "--num-heads", "4"], "must be divisible by num_heads"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--val-split", "999999"], "--val-split must be in"),
+    (["--time-budget", "-5"], "--time-budget must be 0 (off) or a positive number"),
 ])
 def test_bad_flag_values_fail_clearly(batches_dir, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -325,7 +381,5 @@ def test_warp_translates_shears_and_rotates_exactly():
         for x in range(5):
             expected = img[:, :, y, x + s] if 0 <= x + s < 5 else torch.zeros(2, 1, dtype=torch.uint8)
             assert torch.equal(sheared[:, :, y, x], expected)
-    from data import RANDAUG_OPS
-
-    rot90 = RANDAUG_OPS["Rotate"][0](img, 90.0)
+    rot90 = apply_randaug_op(img, "Rotate", 90.0)
     assert any(torch.equal(rot90, torch.rot90(img, k=k, dims=(2, 3))) for k in (1, -1))

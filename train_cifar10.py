@@ -20,6 +20,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,9 +65,13 @@ class TrainConfig:
     dropout: float = _f(0.0, "dropout after dense layers")
     drop_path: float = _f(0.0, "stochastic depth rate of the last block")
     patch_drop: float = _f(0.0, "fraction of patch tokens dropped in training (faster steps)")
-    full_token_epochs: int = _f(0, "train the last N epochs without patch dropout")
+    full_token_epochs: int = _f(0, "train the last N epochs without patch dropout (with --time-budget: "
+                                   "the time they are expected to take)")
     # optimisation
-    epochs: int = _f(30, "number of epochs")
+    epochs: int = _f(30, "number of epochs (with --time-budget: the most epochs)")
+    time_budget: float = _f(0.0, "minutes of training (evaluation included): the cosine decay follows the "
+                                 "time spent instead of the step count and the run stops when it is "
+                                 "spent; resuming such a run is not bit-exact (0: off)")
     batch_size: int = _f(128, "global batch size (split across DDP processes)")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     min_lr: float = _f(1e-5, "learning rate at the end of the cosine decay")
@@ -107,9 +112,10 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Best test accuracy this 2-core CPU reached within an hour (README, "Results").
-    "cpu": dict(model="vit_cifar_tiny", classifier="gap", epochs=22, batch_size=128, lr=2e-3,
-                warmup_epochs=1.0, weight_decay=0.05, patch_drop=0.5, full_token_epochs=2,
+    # The best test accuracy on the 2-core CPU within an hour (README, "Results"): 57 minutes of
+    # training, whatever the machine's speed that day, plus start-up and the last evaluation.
+    "cpu": dict(model="vit_cifar_tiny", classifier="gap", time_budget=57.0, epochs=100, batch_size=128,
+                lr=1e-3, warmup_epochs=1.0, weight_decay=0.05, patch_drop=0.5, full_token_epochs=1,
                 label_smoothing=0.1),
     # Full recipe for one GPU (DeiT-style): strong augmentation, long schedule, EMA.
     "gpu": dict(model="vit_cifar_base", epochs=200, batch_size=512, lr=1e-3, warmup_epochs=10,
@@ -161,6 +167,8 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None = None
     for name in ("epochs", "batch_size", "eval_every", "eval_batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.time_budget < 0:
+        raise ValueError(f"--time-budget must be 0 (off) or a positive number of minutes, got {cfg.time_budget}")
     model_config(cfg, num_classes=10)  # validates the model settings early
     return cfg
 
@@ -226,14 +234,27 @@ def param_groups(model: VisionTransformer, weight_decay: float) -> list[dict[str
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
-    """Linear warmup to the peak, then cosine decay to min_ratio of it, per step."""
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    return f
+class Schedule:
+    """Learning-rate factor per step: linear warmup, then cosine decay to min_ratio over the
+    remaining steps or, with a time budget, over the remaining time. Its state is plain numbers,
+    so LambdaLR's state_dict carries it into checkpoints."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float, budget_s: float = 0.0) -> None:
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+        self.budget_s = budget_s
+        self.elapsed_s = 0.0  # set by the training loop before each step, in time mode
+        self.warmup_end_s = -1.0  # elapsed time when the warmup ended, in time mode
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.budget_s > 0:
+            if self.warmup_end_s < 0:
+                self.warmup_end_s = self.elapsed_s
+            t = (self.elapsed_s - self.warmup_end_s) / max(self.budget_s - self.warmup_end_s, 1e-9)
+        else:
+            t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
 
 def augment(x: Tensor, y: Tensor, cfg: TrainConfig, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -472,8 +493,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if steps_per_epoch < 1:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_x)} training images")
     total_steps = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
-        round(cfg.warmup_epochs * steps_per_epoch), total_steps, cfg.min_lr / cfg.lr))
+    budget_s = cfg.time_budget * 60
+    schedule = Schedule(round(cfg.warmup_epochs * steps_per_epoch), total_steps, cfg.min_lr / cfg.lr, budget_s)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     amp_ctx, amp_dtype = amp_context(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -523,19 +545,44 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     t_run = time.time() - (history[-1]["elapsed_min"] * 60 if history else 0.0)
     last_epoch = min(cfg.epochs, cfg.stop_at_epoch or cfg.epochs)
     epoch = start_epoch
+
+    def from_rank0(value: float) -> float:  # the same number in every process
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.broadcast(t, 0)
+        return t.item()
+
+    def elapsed() -> float:  # seconds since the run started
+        return from_rank0(time.time() - t_run)
+
+    def full_tokens(epoch: int) -> bool:  # the last phase trains without patch dropout
+        if not budget_s:
+            return epoch >= cfg.epochs - cfg.full_token_epochs
+        if not (cfg.full_token_epochs and cfg.patch_drop):
+            return False
+        dropped = [h["epoch_time"] for h in history if h.get("patch_drop", cfg.patch_drop) > 0]
+        if not dropped:
+            return False
+        full_epoch_s = statistics.mean(dropped) / (1 - cfg.patch_drop)  # cost grows with the tokens kept
+        return bool(from_rank0(budget_s - (time.time() - t_run) <= cfg.full_token_epochs * full_epoch_s))
+
     try:
         for epoch in range(start_epoch, last_epoch):
+            if budget_s and elapsed() >= budget_s:
+                break
             model.train()
-            model.patch_drop_rate = cfg.patch_drop if epoch < cfg.epochs - cfg.full_token_epochs else 0.0
+            model.patch_drop_rate = 0.0 if full_tokens(epoch) else cfg.patch_drop
             # the same permutation in every process, a function of (seed, epoch) alone
             perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
             perm = perm[: steps_per_epoch * cfg.batch_size].view(steps_per_epoch, cfg.batch_size)
             perm = perm[:, rank * local_bs:(rank + 1) * local_bs].to(device)
+            out_of_time = False
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
             t_data = t_step = 0.0
             t_epoch = time.time()
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}" if not budget_s else
+                       f"epoch {epoch + 1} ({(budget_s - time.time() + t_run) / 60:.1f} min left)",
                        disable=not is_main, mininterval=1.0 if sys.stderr.isatty() else 30.0,
                        leave=False, dynamic_ncols=True)
             for i in bar:
@@ -553,6 +600,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 scaler.step(optimizer)
                 scaler.update()
+                if budget_s:
+                    schedule.elapsed_s = elapsed()
+                    out_of_time = schedule.elapsed_s >= budget_s
                 scheduler.step()
                 if ema is not None:
                     with torch.no_grad():
@@ -576,24 +626,24 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100 * acc:.1f}%", lr=f"{lr:.2e}",
                                         img_s=f"{ips:.0f}", refresh=False)
                         wb.log({"train/loss": mean_loss, "train/acc": acc, "lr": lr, "images_per_sec": ips}, step)
-                if stop.requested:
+                if stop.requested or out_of_time:
                     break
             if stop.requested:  # mid-epoch: keep only whole epochs, so resuming is exact
                 raise KeyboardInterrupt
             bar.close()
             epoch_time = time.time() - t_epoch
-            n_seen = steps_per_epoch * local_bs
-            rec = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum.item() / steps_per_epoch,
-                   "train_acc": correct.item() / n_seen, "lr": scheduler.get_last_lr()[0],
-                   "epoch_time": epoch_time, "images_per_sec": steps_per_epoch * cfg.batch_size / epoch_time,
-                   "data_time_frac": t_data / max(t_data + t_step, 1e-9)}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            steps_done = i + 1  # fewer than steps_per_epoch when the time budget ran out
+            rec = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum.item() / steps_done,
+                   "train_acc": correct.item() / (steps_done * local_bs), "lr": scheduler.get_last_lr()[0],
+                   "epoch_time": epoch_time, "images_per_sec": steps_done * cfg.batch_size / epoch_time,
+                   "data_time_frac": t_data / max(t_data + t_step, 1e-9), "patch_drop": model.patch_drop_rate}
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or out_of_time:
                 res = evaluate(eval_model, eval_x, eval_y, cfg.eval_batch_size, amp_ctx, num_classes)
                 rec.update(eval_loss=res["loss"], eval_acc=res["acc"])
             rec["elapsed_min"] = (time.time() - t_run) / 60
             history.append(rec)
             if is_main:
-                line = (f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  "
+                line = (f"epoch {epoch + 1:3d}{'' if budget_s else f'/{cfg.epochs}'}  loss {rec['train_loss']:.4f}  "
                         f"train {100 * rec['train_acc']:.2f}%  ")
                 if "eval_acc" in rec:
                     line += f"{eval_name} {100 * rec['eval_acc']:.2f}% (loss {rec['eval_loss']:.4f})  "
@@ -613,6 +663,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 atomic_save(state, run_dir / "last.pt")
                 if is_best:
                     atomic_save(state, run_dir / "best.pt")
+            if out_of_time:
+                break
     except KeyboardInterrupt:
         if is_main:
             print(f"interrupted in epoch {epoch + 1}; {run_dir / 'last.pt'} holds every finished epoch, "
