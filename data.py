@@ -325,10 +325,10 @@ def rand_augment(x: Tensor, num_ops: int = 2, magnitude: int = 9) -> Tensor:
 def normalize(x: Tensor, mean: tuple[float, ...] = CIFAR10_MEAN,
               std: tuple[float, ...] = CIFAR10_STD) -> Tensor:
     """uint8 (B, C, H, W) -> float (B, C, H, W), per-channel standardised: (x/255 - mean) / std,
-    computed in one fused pass as x * 1/(255 std) + (-mean/std)."""
+    computed in place on the float copy as x * 1/(255 std) + (-mean/std)."""
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return torch.addcmul(-m / s, x.float(), 1.0 / (255.0 * s))
+    return x.float().mul_(1.0 / (255.0 * s)).add_(-m / s)
 
 
 def _boxes(B: int, H: int, W: int, h: Tensor, w: Tensor, device: torch.device) -> Tensor:

@@ -385,8 +385,7 @@ def save_curve_png(history: list[dict[str, Any]], path: Path, title: str) -> Non
     ax.plot([h["epoch"] for h in history], [100 * h["train_acc"] for h in history], label="train (augmented)")
     ax.plot([h["epoch"] for h in ev], [100 * h["eval_acc"] for h in ev], "o-", label="evaluation")
     for h in ev[-1:]:
-        ax.annotate(f"{100 * h['eval_acc']:.2f}% after {h['elapsed_min']:.0f} min", (h["epoch"], 100 * h["eval_acc"]),
-                    textcoords="offset points", xytext=(-10, -18), ha="right")
+        title += f"\nlast: {100 * h['eval_acc']:.2f}% after {h['elapsed_min']:.1f} min of training"
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
