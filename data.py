@@ -267,6 +267,7 @@ def _solarize(img: Tensor, op: Tensor, v: Tensor) -> Tensor:
 
 
 _RANDAUG_FAMILIES: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "identity": lambda img, op, v: img,
     "affine": _affine_ops,
     "blend": _blend_ops,
     "posterize": _posterize,
@@ -276,22 +277,19 @@ _RANDAUG_FAMILIES: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
 }
 
 
-_RANDAUG_TABLE = (  # per operation: magnitude at M=30, signed, family number (Identity: last)
+_RANDAUG_TABLE = (  # per operation: magnitude at M=30, signed, family number
     torch.tensor([m for m, _, _ in RANDAUG_OPS.values()], dtype=torch.float64),
     torch.tensor([s for _, s, _ in RANDAUG_OPS.values()]),
-    torch.tensor([list(_RANDAUG_FAMILIES).index(f) if f in _RANDAUG_FAMILIES else len(_RANDAUG_FAMILIES)
-                  for _, _, f in RANDAUG_OPS.values()]),
+    torch.tensor([list(_RANDAUG_FAMILIES).index(f) for _, _, f in RANDAUG_OPS.values()]),
 )
 
 
 def apply_randaug_op(img: Tensor, name: str, v: float) -> Tensor:
     """One RandAugment operation with signed magnitude v on every sample of a uint8 batch."""
-    family = RANDAUG_OPS[name][2]
-    if family == "identity":
-        return img
     n = img.shape[0]
     op = torch.full((n,), _OP[name], device=img.device)
-    return _RANDAUG_FAMILIES[family](img, op, torch.full((n,), float(v), dtype=torch.float64, device=img.device))
+    v_all = torch.full((n,), float(v), dtype=torch.float64, device=img.device)
+    return _RANDAUG_FAMILIES[RANDAUG_OPS[name][2]](img, op, v_all)
 
 
 def rand_augment(x: Tensor, num_ops: int = 2, magnitude: int = 9) -> Tensor:
@@ -301,7 +299,7 @@ def rand_augment(x: Tensor, num_ops: int = 2, magnitude: int = 9) -> Tensor:
     its contiguous slice, with per-sample operation and magnitude, and puts the samples back.
     """
     B, dev = x.shape[0], x.device
-    families = [*_RANDAUG_FAMILIES.values(), None]  # None: Identity, sorted last
+    families = list(_RANDAUG_FAMILIES.values())
     max_v, signed, family_of = (t.to(dev) for t in _RANDAUG_TABLE)
     for _ in range(num_ops):
         op = torch.randint(len(RANDAUG_OPS), (B,), device=dev)
@@ -314,7 +312,7 @@ def rand_augment(x: Tensor, num_ops: int = 2, magnitude: int = 9) -> Tensor:
         parts, start = [], 0
         for fn, n in zip(families, counts, strict=True):
             part = xs[start:start + n]
-            parts.append(fn(part, op[start:start + n], v[start:start + n]) if fn is not None and n else part)
+            parts.append(fn(part, op[start:start + n], v[start:start + n]) if n else part)
             start += n
         x = torch.cat(parts).index_select(0, torch.argsort(order))  # back to the batch order
     return x

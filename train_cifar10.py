@@ -70,8 +70,8 @@ class TrainConfig:
     # optimisation
     epochs: int = _f(30, "number of epochs (with --time-budget: the most epochs)")
     time_budget: float = _f(0.0, "minutes of training (evaluation included): the cosine decay follows the "
-                                 "time spent instead of the step count and the run stops when it is "
-                                 "spent; resuming such a run is not bit-exact (0: off)")
+                                 "time spent (read every --log-every steps) instead of the step count and "
+                                 "the run stops when it is spent; resuming such a run is not bit-exact (0: off)")
     batch_size: int = _f(128, "global batch size (split across DDP processes)")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     min_lr: float = _f(1e-5, "learning rate at the end of the cosine decay")
@@ -546,9 +546,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     epoch = start_epoch
 
     def from_rank0(value: float) -> float:  # the same number in every process
+        if world == 1:
+            return value
         t = torch.tensor([value], dtype=torch.float64, device=device)
-        if world > 1:
-            dist.broadcast(t, 0)
+        dist.broadcast(t, 0)
         return t.item()
 
     def elapsed() -> float:  # seconds since the run started
@@ -599,10 +600,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 scaler.step(optimizer)
                 scaler.update()
-                if budget_s:
-                    schedule.elapsed_s = elapsed()
-                    out_of_time = schedule.elapsed_s >= budget_s
-                scheduler.step()
                 if ema is not None:
                     with torch.no_grad():
                         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.ema)
@@ -613,6 +610,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 t_step += time.perf_counter() - t1
                 if (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch:
                     mean_loss = loss_sum.item() / (i + 1)  # one host sync per log interval
+                    if budget_s:  # the clock drives the decay, read (and agreed on) once per interval
+                        schedule.elapsed_s = elapsed()
+                        out_of_time = schedule.elapsed_s >= budget_s
                     if not math.isfinite(mean_loss):
                         raise FloatingPointError(
                             f"loss became {mean_loss} at epoch {epoch + 1}, step {step}; stopped without "
@@ -625,6 +625,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100 * acc:.1f}%", lr=f"{lr:.2e}",
                                         img_s=f"{ips:.0f}", refresh=False)
                         wb.log({"train/loss": mean_loss, "train/acc": acc, "lr": lr, "images_per_sec": ips}, step)
+                scheduler.step()  # after the log block, which reads the clock for the time budget
                 if stop.requested or out_of_time:
                     break
             if stop.requested:  # mid-epoch: keep only whole epochs, so resuming is exact
