@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -266,6 +267,24 @@ def test_time_budget_stops_on_time_with_the_decay_done(batches_dir, tmp_path):
     assert torch.load(tmp_path / "budget" / "last.pt", weights_only=True)["history"] == hist
 
 
+def test_eval_subset_between_epochs_and_all_images_at_the_end(batches_dir, tmp_path):
+    common = [*FAST, "--epochs", "2", "--data-dir", str(batches_dir), "--out-dir", str(tmp_path),
+              "--run-name", "sub", "--eval-subset", "50"]
+    run_main([*common, "--stop-at-epoch", "1"])
+    ck1 = torch.load(tmp_path / "sub" / "last.pt", weights_only=True)
+    assert ck1["history"][0]["eval_images"] == 50
+    assert not (tmp_path / "sub" / "best.pt").exists()  # best.pt is chosen on all images only
+    # by hand: 50 evenly spaced of the 200 test images are every 4th one
+    data = load_dataset(str(batches_dir), download=False)
+    res = tc.evaluate(tc.model_from_checkpoint(ck1), data.test_x[::4], data.test_y[::4], 100,
+                      contextlib.nullcontext(), 10)
+    assert res["acc"] == ck1["history"][0]["eval_acc"]
+    run_main(["--resume", str(tmp_path / "sub" / "last.pt")])
+    ck2 = torch.load(tmp_path / "sub" / "best.pt", weights_only=True)
+    assert ck2["epoch"] == 2 and ck2["history"][-1]["eval_images"] == 200
+    assert ck2["best_acc"] == ck2["history"][-1]["eval_acc"]
+
+
 def test_resume_with_another_model_is_refused_and_loses_nothing(batches_dir, tmp_path, capsys):
     run_main([*FAST, "--data-dir", str(batches_dir), "--out-dir", str(tmp_path), "--run-name", "r"])
     ckpt = tmp_path / "r" / "last.pt"
@@ -283,6 +302,7 @@ def test_resume_with_another_model_is_refused_and_loses_nothing(batches_dir, tmp
     (["--embed-dim", "30", "--num-heads", "4"], "must be divisible by num_heads"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--val-split", "999999"], "--val-split must be in"),
+    (["--eval-subset", "200"], "--eval-subset must be in [0, 200)"),
     (["--time-budget", "-5"], "--time-budget must be 0 (off) or a positive number"),
 ])
 def test_bad_flag_values_fail_clearly(batches_dir, tmp_path, capsys, args, message):

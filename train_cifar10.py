@@ -96,6 +96,8 @@ class TrainConfig:
     download: bool = _f(True, "download CIFAR-10 when data_dir holds none")
     val_split: int = _f(0, "hold out this many training images and evaluate on them instead of test")
     eval_every: int = _f(1, "evaluate every N epochs (the last epoch is always evaluated)")
+    eval_subset: int = _f(0, "evaluate on N evenly spaced evaluation images between epochs and on all of "
+                             "them after the last epoch; only full evaluations choose best.pt (0: all)")
     eval_batch_size: int = _f(1000, "evaluation batch size")
     out_dir: str = _f("checkpoints", "checkpoints go to OUT_DIR/RUN_NAME/{last,best}.pt")
     run_name: str = _f("", "run folder name (default: MODEL-TIMESTAMP)")
@@ -115,8 +117,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The best test accuracy on the 2-core CPU within an hour (README, "Results"): 57 minutes of
     # training, whatever the machine's speed that day, plus start-up and the last evaluation.
     "cpu": dict(model="vit_cifar_tiny", classifier="gap", time_budget=57.0, epochs=100, batch_size=128,
-                lr=1e-3, warmup_epochs=1.0, weight_decay=0.05, patch_drop=0.5, full_token_epochs=1,
-                label_smoothing=0.1),
+                lr=1e-3, warmup_epochs=1.0, weight_decay=0.05, patch_drop=0.6, full_token_epochs=1,
+                label_smoothing=0.1, eval_subset=2000),
     # Full recipe for one GPU (DeiT-style): strong augmentation, long schedule, EMA.
     "gpu": dict(model="vit_cifar_base", epochs=200, batch_size=512, lr=1e-3, warmup_epochs=10,
                 weight_decay=0.05, beta2=0.99, drop_path=0.1, randaug_n=2, randaug_m=9, mixup=0.8,
@@ -381,9 +383,16 @@ def save_confusion_png(confusion: Tensor, classes: tuple[str, ...], path: Path, 
 def save_curve_png(history: list[dict[str, Any]], path: Path, title: str) -> None:
     plt = pyplot()
     ev = [h for h in history if "eval_acc" in h]
+    n_full = max((h.get("eval_images", 0) for h in ev), default=0)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot([h["epoch"] for h in history], [100 * h["train_acc"] for h in history], label="train (augmented)")
-    ax.plot([h["epoch"] for h in ev], [100 * h["eval_acc"] for h in ev], "o-", label="evaluation")
+    ax.plot([h["epoch"] for h in ev], [100 * h["eval_acc"] for h in ev], "-", color="C1")
+    for part in (True, False):  # hollow markers: evaluated on a subset (--eval-subset)
+        hs = [h for h in ev if (h.get("eval_images", n_full) < n_full) == part]
+        if hs:
+            n = hs[0].get("eval_images")
+            ax.plot([h["epoch"] for h in hs], [100 * h["eval_acc"] for h in hs], "o", color="C1",
+                    mfc="none" if part else "C1", label=f"evaluation ({n:,} images)" if n else "evaluation")
     for h in ev[-1:]:
         title += f"\nlast: {100 * h['eval_acc']:.2f}% after {h['elapsed_min']:.1f} min of training"
     ax.set_xlabel("epoch")
@@ -478,15 +487,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         eval_x, eval_y = train_x[perm[:cfg.val_split]], train_y[perm[:cfg.val_split]]
         train_x, train_y = train_x[perm[cfg.val_split:]], train_y[perm[cfg.val_split:]]
     eval_name = "val" if cfg.val_split else "test"
+    n_eval = len(eval_x)
+    if not 0 <= cfg.eval_subset < n_eval:
+        raise ValueError(f"--eval-subset must be in [0, {n_eval}), got {cfg.eval_subset}")
+    # evenly spaced indices: every class equally often when the images are sorted by class
+    sub = torch.arange(cfg.eval_subset) * n_eval // max(cfg.eval_subset, 1)
     # whole data set on the device once; each process evaluates its own share
     train_x, train_y = train_x.to(device), train_y.to(device)
+    sub_x, sub_y = eval_x[sub][rank::world].to(device), eval_y[sub][rank::world].to(device)
     eval_x, eval_y = eval_x[rank::world].to(device), eval_y[rank::world].to(device)
 
     mcfg = model_config(cfg, num_classes)
     model = VisionTransformer(mcfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(0.9, cfg.beta2), fused=device.type == "cuda")
+                                  betas=(0.9, cfg.beta2), fused=True)
     local_bs = cfg.batch_size // world
     steps_per_epoch = len(train_x) // cfg.batch_size
     if steps_per_epoch < 1:
@@ -525,7 +540,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{'resuming' if ckpt else 'starting'} run {run_dir} on {device} x{world}")
         print(json.dumps(dataclasses.asdict(cfg), indent=None))
         print(f"model: {n_params:,} parameters, {mcfg.num_tokens} tokens, "
-              f"{steps_per_epoch} steps/epoch, {len(train_x)} train / {len(eval_x) * world} {eval_name}")
+              f"{steps_per_epoch} steps/epoch, {len(train_x)} train / {n_eval} {eval_name}"
+              + (f" ({cfg.eval_subset} between epochs)" if cfg.eval_subset else ""))
 
     def checkpoint(epoch: int) -> dict[str, Any]:
         rngs = [None] * world
@@ -637,16 +653,24 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                    "train_acc": correct.item() / (steps_done * local_bs), "lr": scheduler.get_last_lr()[0],
                    "epoch_time": epoch_time, "images_per_sec": steps_done * cfg.batch_size / epoch_time,
                    "data_time_frac": t_data / max(t_data + t_step, 1e-9), "patch_drop": model.patch_drop_rate}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or out_of_time:
-                res = evaluate(eval_model, eval_x, eval_y, cfg.eval_batch_size, amp_ctx, num_classes)
-                rec.update(eval_loss=res["loss"], eval_acc=res["acc"])
+            final = epoch + 1 == cfg.epochs or out_of_time
+            if final or (epoch + 1) % cfg.eval_every == 0:
+                subset = bool(cfg.eval_subset) and not final
+                res = evaluate(eval_model, sub_x if subset else eval_x, sub_y if subset else eval_y,
+                               cfg.eval_batch_size, amp_ctx, num_classes)
+                if subset and budget_s and elapsed() >= budget_s:  # no epoch follows: evaluate on all
+                    subset, res = False, evaluate(eval_model, eval_x, eval_y, cfg.eval_batch_size, amp_ctx,
+                                                  num_classes)
+                rec.update(eval_loss=res["loss"], eval_acc=res["acc"],
+                           eval_images=cfg.eval_subset if subset else n_eval)
             rec["elapsed_min"] = (time.time() - t_run) / 60
             history.append(rec)
             if is_main:
                 line = (f"epoch {epoch + 1:3d}{'' if budget_s else f'/{cfg.epochs}'}  loss {rec['train_loss']:.4f}  "
                         f"train {100 * rec['train_acc']:.2f}%  ")
                 if "eval_acc" in rec:
-                    line += f"{eval_name} {100 * rec['eval_acc']:.2f}% (loss {rec['eval_loss']:.4f})  "
+                    line += f"{eval_name} {100 * rec['eval_acc']:.2f}% (loss {rec['eval_loss']:.4f}"
+                    line += f", {rec['eval_images']} images)  " if rec["eval_images"] < n_eval else ")  "
                 line += (f"lr {rec['lr']:.2e}  {rec['images_per_sec']:.0f} img/s  "
                          f"data {100 * rec['data_time_frac']:.1f}%  {rec['epoch_time']:.0f}s  "
                          f"[{rec['elapsed_min']:.1f} min]")
@@ -655,7 +679,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         "epoch_time": epoch_time, "data_time_frac": rec["data_time_frac"], "epoch": epoch + 1,
                         **({f"{eval_name}/loss": rec["eval_loss"], f"{eval_name}/acc": rec["eval_acc"]}
                            if "eval_acc" in rec else {})}, step)
-            is_best = rec.get("eval_acc", -1.0) > best_acc
+            is_best = rec.get("eval_images") == n_eval and rec["eval_acc"] > best_acc
             if is_best:
                 best_acc = rec["eval_acc"]
             state = checkpoint(epoch + 1)
