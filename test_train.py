@@ -219,7 +219,8 @@ def test_smoke_run_writes_checkpoints_and_offline_wandb(batches_dir, tmp_path):
     assert len(records) == 1, list(run.rglob("*"))
     assert ckpt["wandb_run_id"] in records[0].name
     blob = records[0].read_bytes()
-    for key in (b"train/loss", b"train/acc", b"test/acc", b"test/loss", b"lr", b"images_per_sec", b"epoch_time"):
+    for key in (b"train/loss", b"train/acc", b"test/acc", b"test/loss", b"test/images", b"lr", b"images_per_sec",
+                b"epoch_time"):
         assert key in blob, key
 
 

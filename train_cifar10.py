@@ -677,8 +677,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 tqdm.write(line)
                 wb.log({"train/epoch_loss": rec["train_loss"], "train/epoch_acc": rec["train_acc"],
                         "epoch_time": epoch_time, "data_time_frac": rec["data_time_frac"], "epoch": epoch + 1,
-                        **({f"{eval_name}/loss": rec["eval_loss"], f"{eval_name}/acc": rec["eval_acc"]}
-                           if "eval_acc" in rec else {})}, step)
+                        **({f"{eval_name}/loss": rec["eval_loss"], f"{eval_name}/acc": rec["eval_acc"],
+                            f"{eval_name}/images": rec["eval_images"]} if "eval_acc" in rec else {})}, step)
             is_best = rec.get("eval_images") == n_eval and rec["eval_acc"] > best_acc
             if is_best:
                 best_acc = rec["eval_acc"]
