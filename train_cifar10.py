@@ -653,7 +653,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                    "train_acc": correct.item() / (steps_done * local_bs), "lr": scheduler.get_last_lr()[0],
                    "epoch_time": epoch_time, "images_per_sec": steps_done * cfg.batch_size / epoch_time,
                    "data_time_frac": t_data / max(t_data + t_step, 1e-9), "patch_drop": model.patch_drop_rate}
-            final = epoch + 1 == cfg.epochs or out_of_time
+            # the last epoch: its evaluation is on all images, also when the budget ran out between epochs
+            final = epoch + 1 == cfg.epochs or out_of_time or bool(budget_s and elapsed() >= budget_s)
             if final or (epoch + 1) % cfg.eval_every == 0:
                 subset = bool(cfg.eval_subset) and not final
                 res = evaluate(eval_model, sub_x if subset else eval_x, sub_y if subset else eval_y,
