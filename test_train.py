@@ -255,9 +255,10 @@ def test_resume_continues_exactly(batches_dir, tmp_path):
 def test_time_budget_stops_on_time_with_the_decay_done(batches_dir, tmp_path):
     args = [*FAST, "--epochs", "1000", "--time-budget", "0.1", "--patch-drop", "0.5", "--full-token-epochs", "1",
             "--lr", "1e-3", "--min-lr", "1e-5", "--data-dir", str(batches_dir), "--out-dir", str(tmp_path),
-            "--run-name", "budget"]
+            "--run-name", "budget", "--eval-subset", "50"]
     hist = tc.train(tc.parse_args(args))["history"]
     assert 2 < len(hist) < 1000
+    assert [h["eval_images"] for h in hist] == [50] * (len(hist) - 1) + [200]  # all images at the end
     assert 6.0 <= hist[-1]["elapsed_min"] * 60 < 6.0 + 5.0  # 0.1 min, then one evaluation
     assert hist[-1]["lr"] == pytest.approx(1e-5)  # the cosine decay ended with the time
     lrs = [h["lr"] for h in hist[1:]]

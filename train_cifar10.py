@@ -653,15 +653,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                    "train_acc": correct.item() / (steps_done * local_bs), "lr": scheduler.get_last_lr()[0],
                    "epoch_time": epoch_time, "images_per_sec": steps_done * cfg.batch_size / epoch_time,
                    "data_time_frac": t_data / max(t_data + t_step, 1e-9), "patch_drop": model.patch_drop_rate}
-            # the last epoch: its evaluation is on all images, also when the budget ran out between epochs
-            final = epoch + 1 == cfg.epochs or out_of_time or bool(budget_s and elapsed() >= budget_s)
+            final = epoch + 1 == cfg.epochs or out_of_time
+            res, subset = None, False
             if final or (epoch + 1) % cfg.eval_every == 0:
                 subset = bool(cfg.eval_subset) and not final
                 res = evaluate(eval_model, sub_x if subset else eval_x, sub_y if subset else eval_y,
                                cfg.eval_batch_size, amp_ctx, num_classes)
-                if subset and budget_s and elapsed() >= budget_s:  # no epoch follows: evaluate on all
-                    subset, res = False, evaluate(eval_model, eval_x, eval_y, cfg.eval_batch_size, amp_ctx,
-                                                  num_classes)
+            if budget_s and (res is None or subset) and elapsed() >= budget_s:
+                # the budget ran out after this epoch, so no epoch follows: it is evaluated on all images
+                subset, res = False, evaluate(eval_model, eval_x, eval_y, cfg.eval_batch_size, amp_ctx, num_classes)
+            if res is not None:
                 rec.update(eval_loss=res["loss"], eval_acc=res["acc"],
                            eval_images=cfg.eval_subset if subset else n_eval)
             rec["elapsed_min"] = (time.time() - t_run) / 60
