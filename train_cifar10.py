@@ -582,10 +582,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         full_epoch_s = statistics.mean(dropped) / (1 - cfg.patch_drop)  # cost grows with the tokens kept
         return bool(from_rank0(budget_s - (time.time() - t_run) <= cfg.full_token_epochs * full_epoch_s))
 
+    if budget_s and elapsed() >= budget_s:
+        last_epoch = start_epoch  # a resumed run whose time is spent: nothing left to do
     try:
+        # With a time budget the last epoch is the one in which the clock (read every --log-every steps)
+        # passes the budget; if that happens during an evaluation, the next epoch stops after one interval.
         for epoch in range(start_epoch, last_epoch):
-            if budget_s and elapsed() >= budget_s:
-                break
             model.train()
             model.patch_drop_rate = 0.0 if full_tokens(epoch) else cfg.patch_drop
             # the same permutation in every process, a function of (seed, epoch) alone
@@ -654,15 +656,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                    "epoch_time": epoch_time, "images_per_sec": steps_done * cfg.batch_size / epoch_time,
                    "data_time_frac": t_data / max(t_data + t_step, 1e-9), "patch_drop": model.patch_drop_rate}
             final = epoch + 1 == cfg.epochs or out_of_time
-            res, subset = None, False
             if final or (epoch + 1) % cfg.eval_every == 0:
                 subset = bool(cfg.eval_subset) and not final
                 res = evaluate(eval_model, sub_x if subset else eval_x, sub_y if subset else eval_y,
                                cfg.eval_batch_size, amp_ctx, num_classes)
-            if budget_s and (res is None or subset) and elapsed() >= budget_s:
-                # the budget ran out after this epoch, so no epoch follows: it is evaluated on all images
-                subset, res = False, evaluate(eval_model, eval_x, eval_y, cfg.eval_batch_size, amp_ctx, num_classes)
-            if res is not None:
                 rec.update(eval_loss=res["loss"], eval_acc=res["acc"],
                            eval_images=cfg.eval_subset if subset else n_eval)
             rec["elapsed_min"] = (time.time() - t_run) / 60
