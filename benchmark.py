@@ -117,7 +117,7 @@ def bench_data(args: argparse.Namespace) -> None:
                 x = random_crop_flip(images[perm[i:i + bs]], 4, True)
                 if strong:
                     x = rand_augment(x, 2, 9)
-                normalize(x)
+                normalize(x, CIFAR10_MEAN, CIFAR10_STD)
             return time.perf_counter() - t
 
         reference()  # start the workers

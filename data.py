@@ -1,16 +1,17 @@
-"""CIFAR-10 in memory, and batched augmentation drawn independently per sample.
+"""CIFAR-10 in memory, batched augmentation drawn independently per sample, and the batch iterator.
 
 The whole data set lives as one uint8 tensor (50,000 x 3 x 32 x 32 is 150 MB) on the training
 device. Every augmentation below works on a whole batch at once, yet draws its randomness per
 sample (crop offset, flip, RandAugment operation and sign, mixup/cutmix partner and ratio, erasing
-box), so nothing is shared across a batch and no DataLoader workers are needed.
+box), so nothing is shared across a batch and no DataLoader workers are needed. `TrainBatches`
+puts it together: `for inputs, targets in batches.epoch(e)` gives one epoch of augmented batches.
 """
 
 from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +23,39 @@ from torch import Tensor
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel statistics of the 50,000 training images
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass
 class ImageData:
-    """Images as uint8 (N, 3, H, W) and integer labels (N,)."""
+    """Images as uint8 (N, 3, H, W), integer labels (N,), and the per-channel mean and std (in [0, 1]
+    units) that inputs are standardised with: CIFAR-10's own for CIFAR-10, else measured on the
+    training images (see `channel_stats`)."""
 
     train_x: Tensor
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
     classes: tuple[str, ...]
+    mean: tuple[float, ...] = CIFAR10_MEAN
+    std: tuple[float, ...] = CIFAR10_STD
+
+
+def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units, rounded to 4 places
+    like CIFAR10_MEAN/STD. Summed in float64 by chunks, so 50,000 images need no big float copy."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros(x.shape[1], dtype=torch.float64)
+    for chunk in x.split(4096):
+        c = chunk.double().div_(255.0)
+        total += c.sum((0, 2, 3))
+        squares += c.square().sum((0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / n
+    std = (squares / n - mean.square()).clamp(min=1e-12).sqrt()
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
 class DataNotFoundError(RuntimeError):
@@ -93,7 +113,10 @@ def _load_image_folder(root: Path, size: int, with_train: bool = True) -> ImageD
         train_x, train_y = _load_split(root / "train", classes, size)
     else:
         train_x, train_y = test_x[:0], test_y[:0]
-    return ImageData(train_x, train_y, test_x, test_y, classes)
+    if classes == CIFAR10_CLASSES:
+        return ImageData(train_x, train_y, test_x, test_y, classes)
+    mean, std = channel_stats(train_x if len(train_x) else test_x)  # not CIFAR-10: its own statistics
+    return ImageData(train_x, train_y, test_x, test_y, classes, mean, std)
 
 
 def load_dataset(data_dir: str | Path, download: bool = True, img_size: int = 32,
@@ -102,7 +125,8 @@ def load_dataset(data_dir: str | Path, download: bool = True, img_size: int = 32
 
     1. torchvision's `cifar-10-batches-py` folder (data_dir itself or inside it);
     2. an ImageFolder tree `train/<class>/*.jpg` and `test/<class>/*.jpg` (any classes; images
-       resized to img_size);
+       resized to img_size; mean and std measured on its training images unless the classes are
+       CIFAR-10's);
     3. otherwise torchvision downloads CIFAR-10 into data_dir (when download is True).
 
     with_train=False skips decoding the training images of an ImageFolder tree (test set only).
@@ -211,13 +235,16 @@ RANDAUG_OPS: dict[str, tuple[float, bool, str]] = {
 _OP = {name: i for i, name in enumerate(RANDAUG_OPS)}
 
 
-def _affine_ops(img: Tensor, op: Tensor, v: Tensor) -> Tensor:
-    """ShearX/Y, TranslateX/Y and Rotate, per sample, as one gather. Sampling maps are built once
-    per distinct (operation, magnitude) pair, not once per sample."""
+def _affine_ops(img: Tensor, op: Tensor, v: Tensor, host_sync: bool = True) -> Tensor:
+    """ShearX/Y, TranslateX/Y and Rotate, per sample, as one gather. With host_sync the sampling maps
+    are built once per distinct (operation, magnitude) pair (torch.unique reads its count on the host);
+    without, once per sample."""
     H, W = img.shape[-2:]
-    values, v_id = torch.unique(v, return_inverse=True)
-    pairs, which = torch.unique(op * len(values) + v_id, return_inverse=True)  # distinct (op, v)
-    op, v = pairs // len(values), values[pairs % len(values)]  # (U,) each
+    which = None
+    if host_sync:
+        values, v_id = torch.unique(v, return_inverse=True)
+        pairs, which = torch.unique(op * len(values) + v_id, return_inverse=True)  # distinct (op, v)
+        op, v = pairs // len(values), values[pairs % len(values)]  # (U,) each
     zero, one, t = torch.zeros_like(v), torch.ones_like(v), torch.deg2rad(v)
     rot = op == _OP["Rotate"]
     idx = _source_index(H, W,
@@ -227,13 +254,25 @@ def _affine_ops(img: Tensor, op: Tensor, v: Tensor) -> Tensor:
                         d=torch.where(op == _OP["ShearY"], v, torch.where(rot, -t.sin(), zero)),
                         e=torch.where(rot, t.cos(), one),
                         f=torch.where(op == _OP["TranslateY"], (v * H).round(), zero))  # (U, H*W)
-    return _gather_pixels(img, idx[which], fill=128)
+    return _gather_pixels(img, idx if which is None else idx[which], fill=128)
 
 
-def _blend_ops(img: Tensor, op: Tensor, v: Tensor) -> Tensor:
+def _sharpen(x: Tensor, q: Tensor) -> Tensor:
+    """Sharpness in place on float images (k, C, H, W): smooth the interior, keep the border,
+    x + (1 - r) (blur - x) with q = 1 - r of shape (k, 1, 1, 1)."""
+    inner = x[..., 1:-1, 1:-1]
+    box = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]  # 3-row sums (k, C, H-2, W)
+    box = box[..., :-2] + box[..., 1:-1] + box[..., 2:]  # 3x3 sums (k, C, H-2, W-2), exact integers
+    blur = box.add_(inner, alpha=4.0).div_(13.0).round_()  # kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13
+    inner += (blur - inner) * q
+    return x
+
+
+def _blend_ops(img: Tensor, op: Tensor, v: Tensor, host_sync: bool = True) -> Tensor:
     """Brightness, Color, Contrast and Sharpness, per sample: each blends the image x with a
     reference image by the factor r = 1 + v, out = r x + (1 - r) ref, with the same float steps as
-    torchvision's adjust_* functions (reference: 0, the grey image, its mean, a 3x3 blur)."""
+    torchvision's adjust_* functions (reference: 0, the grey image, its mean, a 3x3 blur). With
+    host_sync only the Sharpness samples are blurred (their indices read on the host); without, all."""
     n, C, H, W = img.shape
     r64 = 1.0 + v
     r, q = r64.float().view(n, 1, 1, 1), (1.0 - r64).float().view(n, 1, 1, 1)  # r, 1 - r
@@ -243,37 +282,34 @@ def _blend_ops(img: Tensor, op: Tensor, v: Tensor) -> Tensor:
     ref = torch.where((op == _OP["Color"]).view(n, 1, 1, 1), gray,
                       gray.mean((1, 2, 3), keepdim=True) * (op == _OP["Contrast"]).view(n, 1, 1, 1))
     out = torch.addcmul(x * r, ref, q)  # Brightness (ref 0), Color, Contrast; one rounding, as torchvision
-    sharp = (op == _OP["Sharpness"]).nonzero().squeeze(1)
-    if sharp.numel():  # smooth the interior, keep the border: x + (1 - r) (blur - x)
-        xs = x.index_select(0, sharp)  # (k, C, H, W)
-        inner = xs[..., 1:-1, 1:-1]
-        box = xs[..., :-2, :] + xs[..., 1:-1, :] + xs[..., 2:, :]  # 3-row sums (k, C, H-2, W)
-        box = box[..., :-2] + box[..., 1:-1] + box[..., 2:]  # 3x3 sums (k, C, H-2, W-2), exact integers
-        blur = box.add_(inner, alpha=4.0).div_(13.0).round_()  # kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13
-        inner += (blur - inner) * q.index_select(0, sharp)
-        out.index_copy_(0, sharp, xs)
+    is_sharp = op == _OP["Sharpness"]
+    if not host_sync:
+        out = torch.where(is_sharp.view(n, 1, 1, 1), _sharpen(x, q), out)
+    elif (sharp := is_sharp.nonzero().squeeze(1)).numel():
+        out.index_copy_(0, sharp, _sharpen(x.index_select(0, sharp), q.index_select(0, sharp)))
     return out.clamp_(0, 255).to(torch.uint8)
 
 
-def _posterize(img: Tensor, op: Tensor, v: Tensor) -> Tensor:
+def _posterize(img: Tensor, op: Tensor, v: Tensor, host_sync: bool = True) -> Tensor:
     bits = 8 - v.round().long()  # (n,) bits kept
     mask = ((255 << (8 - bits)) & 255).to(torch.uint8).view(-1, 1, 1, 1)
     return img & mask
 
 
-def _solarize(img: Tensor, op: Tensor, v: Tensor) -> Tensor:
+def _solarize(img: Tensor, op: Tensor, v: Tensor, host_sync: bool = True) -> Tensor:
     threshold = (255.0 - v).float().view(-1, 1, 1, 1)
     return torch.where(img >= threshold, 255 - img, img)
 
 
-_RANDAUG_FAMILIES: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    "identity": lambda img, op, v: img,
+# family -> fn(images, per-sample op, per-sample signed magnitude, host_sync)
+_RANDAUG_FAMILIES: dict[str, Callable[..., Tensor]] = {
+    "identity": lambda img, op, v, host_sync=True: img,
     "affine": _affine_ops,
     "blend": _blend_ops,
     "posterize": _posterize,
     "solarize": _solarize,
-    "autocontrast": lambda img, op, v: TF.autocontrast(img),
-    "equalize": lambda img, op, v: TF.equalize(img),
+    "autocontrast": lambda img, op, v, host_sync=True: TF.autocontrast(img),
+    "equalize": lambda img, op, v, host_sync=True: TF.equalize(img),
 }
 
 
@@ -292,20 +328,36 @@ def apply_randaug_op(img: Tensor, name: str, v: float) -> Tensor:
     return _RANDAUG_FAMILIES[RANDAUG_OPS[name][2]](img, op, v_all)
 
 
-def rand_augment(x: Tensor, num_ops: int = 2, magnitude: int = 9) -> Tensor:
+_RANDAUG_ON: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}  # the table, copied once per device
+
+
+def rand_augment(x: Tensor, num_ops: int = 2, magnitude: int = 9, host_sync: bool | None = None) -> Tensor:
     """RandAugment with the operation and its sign drawn per sample.
 
-    Each round sorts the batch by operation family (affine, blend, ...), runs every family once on
-    its contiguous slice, with per-sample operation and magnitude, and puts the samples back.
+    With host_sync (the default on the CPU), each round sorts the batch by operation family (affine,
+    blend, ...), runs every family once on its contiguous slice, with per-sample operation and
+    magnitude, and puts the samples back: the least arithmetic, but the slice sizes are read on the
+    host. Without (the default on CUDA), every family runs on the whole batch and each sample keeps
+    its own family's result: more arithmetic, no host synchronisation, so the GPU never waits.
+    Both give the same images for the same random draws.
     """
     B, dev = x.shape[0], x.device
+    host_sync = dev.type == "cpu" if host_sync is None else host_sync
     families = list(_RANDAUG_FAMILIES.values())
-    max_v, signed, family_of = (t.to(dev) for t in _RANDAUG_TABLE)
+    if dev not in _RANDAUG_ON:
+        _RANDAUG_ON[dev] = tuple(t.to(dev) for t in _RANDAUG_TABLE)
+    max_v, signed, family_of = _RANDAUG_ON[dev]
     for _ in range(num_ops):
         op = torch.randint(len(RANDAUG_OPS), (B,), device=dev)
         flip = signed[op] & (torch.rand(B, device=dev) < 0.5)
         v = max_v[op] * (magnitude / 30.0) * (1.0 - 2.0 * flip.double())  # (B,) signed magnitudes
         fam = family_of[op]
+        if not host_sync:
+            out = x
+            for k, fn in enumerate(families):
+                out = torch.where((fam == k).view(B, 1, 1, 1), fn(x, op, v, host_sync=False), out)
+            x = out
+            continue
         order = torch.argsort(fam, stable=True)
         counts = torch.bincount(fam, minlength=len(families)).tolist()
         xs, op, v = x.index_select(0, order), op[order], v[order]  # grouped by family
@@ -318,8 +370,7 @@ def rand_augment(x: Tensor, num_ops: int = 2, magnitude: int = 9) -> Tensor:
     return x
 
 
-def normalize(x: Tensor, mean: tuple[float, ...] = CIFAR10_MEAN,
-              std: tuple[float, ...] = CIFAR10_STD) -> Tensor:
+def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """uint8 (B, C, H, W) -> float (B, C, H, W), per-channel standardised: (x/255 - mean) / std,
     computed in place on the float copy as x * 1/(255 std) + (-mean/std)."""
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
@@ -362,8 +413,8 @@ def mixup_cutmix(x: Tensor, y: Tensor, mixup_alpha: float = 0.8, cutmix_alpha: f
     apply = torch.rand(B, device=dev) < prob
     use_cut = torch.rand(B, device=dev) < (0.5 if mixup_alpha > 0 and cutmix_alpha > 0
                                            else float(cutmix_alpha > 0))
-    lam_mix = torch.distributions.Beta(max(mixup_alpha, 1e-3), max(mixup_alpha, 1e-3)).sample((B,)).to(dev)
-    lam_cut = torch.distributions.Beta(max(cutmix_alpha, 1e-3), max(cutmix_alpha, 1e-3)).sample((B,)).to(dev)
+    alphas = (torch.full((B,), max(alpha, 1e-3), device=dev) for alpha in (mixup_alpha, cutmix_alpha))
+    lam_mix, lam_cut = (torch.distributions.Beta(a, a).sample() for a in alphas)  # on the device: no host copy
     cut = (1.0 - lam_cut).sqrt()
     box = _boxes(B, H, W, (cut * H).round(), (cut * W).round(), dev)  # (B, 1, H, W)
     lam_cut = 1.0 - box.flatten(1).float().mean(1)  # area actually kept
@@ -374,3 +425,76 @@ def mixup_cutmix(x: Tensor, y: Tensor, mixup_alpha: float = 0.8, cutmix_alpha: f
     lam = torch.where(apply, lam, torch.ones_like(lam)).view(B, 1)
     x = torch.where(apply.view(B, 1, 1, 1), mixed, x)
     return x, lam * y + (1 - lam) * y2
+
+
+# --------------------------------------------------------------------------------------------
+# One epoch of training batches
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Augment:
+    """The training-time transform of a uint8 batch (B, 3, H, W) with labels (B,): crop and flip,
+    RandAugment, standardisation, random erasing, label smoothing, mixup/cutmix. Returns float
+    images (B, 3, H, W) and soft targets (B, num_classes)."""
+
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pad: int = 4
+    flip: bool = True
+    randaug_n: int = 0
+    randaug_m: int = 9
+    erase_prob: float = 0.0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = random_crop_flip(x, self.crop_pad, self.flip)
+        if self.randaug_n > 0:
+            x = rand_augment(x, self.randaug_n, self.randaug_m)
+        x = normalize(x, self.mean, self.std)
+        if self.erase_prob > 0:
+            x = random_erasing(x, self.erase_prob)
+        target = torch.nn.functional.one_hot(y, self.num_classes).float()
+        target = target * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes
+        if self.mixup > 0 or self.cutmix > 0:
+            x, target = mixup_cutmix(x, target, self.mixup, self.cutmix, self.mix_prob)
+        return x, target
+
+
+class TrainBatches:
+    """`for inputs, targets in batches.epoch(e)`: one epoch of augmented training batches.
+
+    The order is a permutation drawn from (seed, epoch) alone, so every process of a DDP run draws
+    the same one and a resumed run continues it; the last incomplete batch is dropped. Each global
+    batch of batch_size images is split into `world` disjoint shards of batch_size / world, and this
+    process (rank) gets its own. Images and labels stay on their device; the indices go there once
+    per epoch.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int,
+                 augment: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], seed: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        if batch_size % world:
+            raise ValueError(f"--batch-size {batch_size} is not divisible by {world} processes")
+        if len(x) < batch_size:
+            raise ValueError(f"--batch-size {batch_size} is larger than the {len(x)} training images")
+        self.x, self.y, self.augment = x, y, augment
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.steps = len(x) // batch_size  # steps per epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def indices(self, epoch: int) -> Tensor:
+        """This process's sample indices for every step of the epoch, (steps, batch_size / world)."""
+        perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        local = self.batch_size // self.world
+        perm = perm[: self.steps * self.batch_size].view(self.steps, self.batch_size)  # (steps, B)
+        return perm[:, self.rank * local:(self.rank + 1) * local]  # (steps, B / world)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for idx in self.indices(epoch).to(self.x.device):
+            yield self.augment(self.x[idx], self.y[idx])

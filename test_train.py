@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import signal
@@ -210,8 +209,8 @@ def test_smoke_run_writes_checkpoints_and_offline_wandb(batches_dir, tmp_path):
     run = tmp_path / "smoke"
     assert (run / "last.pt").exists() and (run / "best.pt").exists() and (run / "accuracy_curve.png").exists()
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    for key in ("config", "model_config", "model", "optimizer", "scheduler", "scaler", "ema", "epoch",
-                "step", "rng_states", "wandb_run_id", "history"):
+    for key in ("config", "model_config", "model", "optimizer", "scaler", "ema", "epoch", "step", "rng_states",
+                "wandb_run_id", "history", "time_budget", "classes", "normalize"):
         assert key in ckpt, key
     assert ckpt["epoch"] == 1 and ckpt["step"] == 10 and ckpt["model_config"]["embed_dim"] == 32
     # the offline run: its records (a protobuf stream) name every logged metric
@@ -278,8 +277,7 @@ def test_eval_subset_between_epochs_and_all_images_at_the_end(batches_dir, tmp_p
     assert not (tmp_path / "sub" / "best.pt").exists()  # best.pt is chosen on all images only
     # by hand: 50 evenly spaced of the 200 test images are every 4th one
     data = load_dataset(str(batches_dir), download=False)
-    res = tc.evaluate(tc.model_from_checkpoint(ck1), data.test_x[::4], data.test_y[::4], 100,
-                      contextlib.nullcontext(), 10)
+    res = tc.evaluate(tc.model_from_checkpoint(ck1), data.test_x[::4], data.test_y[::4], data.mean, data.std, 100)
     assert res["acc"] == ck1["history"][0]["eval_acc"]
     run_main(["--resume", str(tmp_path / "sub" / "last.pt")])
     ck2 = torch.load(tmp_path / "sub" / "best.pt", weights_only=True)
@@ -387,7 +385,7 @@ def test_normalize_matches_the_formula():
 
     x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
     mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(normalize(x), (x.float() / 255 - mean) / std)
+    torch.testing.assert_close(normalize(x, CIFAR10_MEAN, CIFAR10_STD), (x.float() / 255 - mean) / std)
 
 
 def test_warp_translates_shears_and_rotates_exactly():

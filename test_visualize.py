@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import visualize_attention as va
-from train_cifar10 import atomic_save
+from checkpoint import atomic_save
 from vit_model import VisionTransformer, ViTConfig
 
 

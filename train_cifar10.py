@@ -1,13 +1,21 @@
-"""Train a Vision Transformer on CIFAR-10.
+"""Train a Vision Transformer on CIFAR-10 (or any ImageFolder data set).
 
     python train_cifar10.py --preset cpu --data-dir /tmp/cifar10     # the 2-core CPU recipe
     python train_cifar10.py --preset gpu                              # full recipe, downloads CIFAR-10
     torchrun --nproc_per_node=4 train_cifar10.py --preset gpu         # DDP, one process per GPU
     python train_cifar10.py --resume checkpoints/RUN/last.pt          # continue exactly
+    python train_cifar10.py --resume checkpoints/RUN/last.pt --epochs 60   # extend: the decay is re-planned
     python train_cifar10.py --eval-only checkpoints/RUN/best.pt       # accuracy + confusion matrix
 
 Settings come from TrainConfig's defaults, then the --preset, then the flags given; the effective
-configuration is printed at start and stored in every checkpoint and in the W&B run.
+configuration is printed at start and stored in every checkpoint and in the W&B run. A resumed run
+keeps its saved settings; flags given with --resume replace them, except those that change the
+model. The learning rate is a pure function of the step and the plan (`lr_at`), so a resumed run
+with the same settings continues bit for bit, and one with a new --epochs or --time-budget follows
+the schedule a run planned that way from the start would follow.
+
+Reading order: configuration, the schedule (`lr_at`, `TimeBudget`), one training step (`Learner`),
+one epoch (`train_epoch`), evaluation, then `train()`, which puts them together.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,18 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from data import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    DataNotFoundError,
-    load_dataset,
-    mixup_cutmix,
-    normalize,
-    rand_augment,
-    random_crop_flip,
-    random_erasing,
-)
-from vit_model import CIFAR_PRESETS, VisionTransformer, ViTConfig, load_state_dict_checked
+from checkpoint import atomic_save, input_normalization, load_checkpoint, model_from_checkpoint, resolve_checkpoint_path
+from data import Augment, DataNotFoundError, ImageData, TrainBatches, load_dataset, normalize
+from plots import save_confusion_png, save_curve_png
+from vit_model import CIFAR_PRESETS, VisionTransformer, ViTConfig, load_state_dict_checked, model_config
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -54,7 +55,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     # model
-    model: str = _f("vit_cifar_tiny", f"model preset, one of {sorted(CIFAR_PRESETS)}")
+    model: str = _f("vit_cifar_tiny", f"model preset, one of {list(CIFAR_PRESETS)}")
     patch_size: int = _f(4, "patch size P (32x32 images give a (32/P)^2 grid)")
     embed_dim: int | None = _f(None, "override the preset's embedding size D", type=int)
     depth: int | None = _f(None, "override the preset's number of blocks", type=int)
@@ -68,10 +69,12 @@ class TrainConfig:
     full_token_epochs: int = _f(0, "train the last N epochs without patch dropout (with --time-budget: "
                                    "the time they are expected to take)")
     # optimisation
-    epochs: int = _f(30, "number of epochs (with --time-budget: the most epochs)")
+    epochs: int = _f(30, "number of epochs (with --time-budget: the most epochs); with --resume, a new value "
+                         "re-plans the cosine decay to end at the new last epoch")
     time_budget: float = _f(0.0, "minutes of training (evaluation included): the cosine decay follows the "
                                  "time spent (read every --log-every steps) instead of the step count and "
-                                 "the run stops when it is spent; resuming such a run is not bit-exact (0: off)")
+                                 "the run stops when it is spent; resuming such a run is not bit-exact; with "
+                                 "--resume, a new value re-plans the decay to end at the new budget (0: off)")
     batch_size: int = _f(128, "global batch size (split across DDP processes)")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     min_lr: float = _f(1e-5, "learning rate at the end of the cosine decay")
@@ -125,10 +128,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                 cutmix=1.0, erase_prob=0.25, label_smoothing=0.1, ema=0.9998, eval_batch_size=2000,
                 compile=True),
 }
-MODEL_FIELDS = ("model", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "classifier",
-                "pos_embed", "dropout", "drop_path", "patch_drop")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="starting point for every setting below")
@@ -147,84 +146,147 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> TrainConfig:
-    """defaults < preset < flags; when resuming, the saved config replaces defaults and preset,
-    and a flag that changes the model is an error."""
+def resolve_config(args: argparse.Namespace, ckpt: dict[str, Any] | None = None) -> TrainConfig:
+    """defaults < preset < flags; when resuming, the saved config replaces defaults and preset, and
+    a flag that changes the model is an error. The result is validated the same way in every mode."""
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    if saved is not None:
-        if args.preset:
-            raise ValueError("--preset cannot be combined with --resume: the run keeps its own settings")
-        changed = {k: (saved[k], v) for k, v in given.items() if k in MODEL_FIELDS and saved.get(k) != v}
-        if changed:
-            raise ValueError(f"--resume: the checkpoint was trained with another model config; "
-                             f"differences (checkpoint, flag): {changed}")
-        return TrainConfig(**{**saved, "stop_at_epoch": 0, **given})  # a stop applies to one run only
-    preset = PRESETS[args.preset] if args.preset else {}
-    cfg = TrainConfig(**{**preset, **given})
-    choices = {"model": tuple(CIFAR_PRESETS), "wandb": ("offline", "online", "off"),
+    if ckpt is None:
+        cfg = TrainConfig(**{**(PRESETS[args.preset] if args.preset else {}), **given})
+        validate(cfg)
+        return cfg
+    if args.preset:
+        raise ValueError("--preset cannot be combined with --resume or --eval-only: the run keeps its own settings")
+    cfg = TrainConfig(**{**ckpt["config"], "stop_at_epoch": 0, **given})  # a stop applies to one run only
+    validate(cfg)
+    saved = ckpt["model_config"]
+    new = vit_config(cfg, saved["num_classes"]).to_dict()
+    changed = {k: (v, new.get(k)) for k, v in saved.items() if new.get(k) != v}
+    if changed:
+        raise ValueError(f"the checkpoint was trained with another model config; differences "
+                         f"(checkpoint, flags): {changed}")
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every setting in its range, or a ValueError naming the flag, the rule and the value."""
+    choices = {"model": CIFAR_PRESETS, "wandb": ("offline", "online", "off"),
                "device": ("auto", "cpu", "cuda"), "amp": ("auto", "bf16", "fp16", "off")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(cfg, name)!r}")
-    for name in ("epochs", "batch_size", "eval_every", "eval_batch_size", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.time_budget < 0:
-        raise ValueError(f"--time-budget must be 0 (off) or a positive number of minutes, got {cfg.time_budget}")
-    model_config(cfg, num_classes=10)  # validates the model settings early
-    return cfg
+    at_least_1 = ("epochs", "batch_size", "eval_every", "eval_batch_size", "log_every", "patch_size",
+                  "embed_dim", "depth", "num_heads")
+    rules: list[tuple[str, Callable[[Any], bool], str]] = [
+        *((n, lambda v: v is None or v >= 1, "at least 1") for n in at_least_1),
+        *((n, lambda v: v >= 0, "0 or more") for n in (
+            "warmup_epochs", "weight_decay", "clip_grad", "crop_pad", "randaug_n", "mixup", "cutmix",
+            "val_split", "eval_subset", "full_token_epochs", "threads", "stop_at_epoch", "min_lr")),
+        ("lr", lambda v: v > 0, "positive"),
+        ("mlp_ratio", lambda v: v is None or v > 0, "positive"),
+        ("time_budget", lambda v: v >= 0, "0 (off) or a positive number of minutes"),
+        ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("ema", lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
+        ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+        *((n, lambda v: 0 <= v <= 1, "in [0, 1]") for n in ("mix_prob", "erase_prob")),
+        ("randaug_m", lambda v: 0 <= v <= 30, "in [0, 30]"),
+    ]
+    for name, ok, rule in rules:
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float, type(None))) and math.isfinite(value or 0) and ok(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    vit_config(cfg, num_classes=10)  # the model settings fit together (e.g. D divisible by heads)
 
 
-def model_config(cfg: TrainConfig, num_classes: int) -> ViTConfig:
-    arch = dict(CIFAR_PRESETS[cfg.model])
-    for name in ("embed_dim", "depth", "num_heads", "mlp_ratio"):
-        if getattr(cfg, name) is not None:
-            arch[name] = getattr(cfg, name)
-    return ViTConfig(img_size=32, patch_size=cfg.patch_size, num_classes=num_classes,
-                     classifier=cfg.classifier, pos_embed=cfg.pos_embed, drop_rate=cfg.dropout,
-                     drop_path_rate=cfg.drop_path, patch_drop_rate=cfg.patch_drop, **arch)
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-def atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def resolve_checkpoint_path(path: str | Path) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "last.pt"
-    if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {p}")
-    return p
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(resolve_checkpoint_path(path), map_location=map_location, weights_only=True)
-
-
-def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> VisionTransformer:
-    """Rebuild the model a checkpoint describes and load its (EMA, if present) weights."""
-    model = VisionTransformer(ViTConfig(**ckpt["model_config"]))
-    state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    load_state_dict_checked(model, state)
-    return model
-
-
-def find_latest_checkpoint(root: str | Path = "checkpoints") -> Path | None:
-    found = sorted(Path(root).glob("*/*.pt"), key=lambda p: p.stat().st_mtime)
-    best = [p for p in found if p.name == "best.pt"]
-    return (best or found or [None])[-1]
+def vit_config(cfg: TrainConfig, num_classes: int) -> ViTConfig:
+    """The model of a training config: its --model preset with the flags that override it."""
+    return model_config(cfg.model, num_classes=num_classes, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                        classifier=cfg.classifier, pos_embed=cfg.pos_embed, drop_rate=cfg.dropout,
+                        drop_path_rate=cfg.drop_path, patch_drop_rate=cfg.patch_drop)
 
 
 # --------------------------------------------------------------------------------------------
-# Training pieces
+# The schedule: learning rate per step, and the rules of a time budget
+# --------------------------------------------------------------------------------------------
+
+def lr_at(step: int, progress: float, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """The learning rate of a step (nanoGPT's get_lr): linear warmup over the first warmup_steps
+    steps, then cosine decay from lr to min_lr as progress, the fraction of the decay done (by steps
+    or by time, see TimeBudget.progress), goes from 0 to 1."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    t = min(max(progress, 0.0), 1.0)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class TimeBudget:
+    """The clock of a run and the rules that depend on it, planned in steps or in time.
+
+    In steps (no --time-budget): the decay progress is the fraction of the post-warmup steps done,
+    of `epochs` epochs, and the last `full_token_epochs` epochs train without patch dropout.
+    In time (--time-budget M):
+    - progress is the fraction of the post-warmup time spent; the clock is read once per log
+      interval (`read`), so the cosine reaches min_lr when the time runs out;
+    - `spent`: the clock has passed the budget. The epoch in which that happens is the last one,
+      stopped at that log interval and evaluated on all images;
+    - full_tokens: patch dropout stops once the time left is about `full_token_epochs` epochs at the
+      full-token cost (mean epoch time with dropout / (1 - patch_drop), the cost being linear in the
+      tokens kept).
+    Elapsed time carries over a resume, and every DDP process uses rank 0's clock, so all of them
+    take the same decisions. `clock` is injectable for tests.
+    """
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, elapsed_s: float = 0.0,
+                 warmup_end_s: float | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.budget_s = cfg.time_budget * 60
+        self.warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+        self.total_steps = cfg.epochs * steps_per_epoch
+        self.epochs, self.full_token_epochs, self.patch_drop = cfg.epochs, cfg.full_token_epochs, cfg.patch_drop
+        self.clock = clock
+        self.start = clock() - elapsed_s
+        self.elapsed_s = elapsed_s  # the last reading
+        self.warmup_end_s = warmup_end_s  # elapsed time when the warmup ended, in time mode
+
+    def read(self) -> float:
+        """Seconds since the run started (resumed runs included), rank 0's reading in every process."""
+        value = [self.clock() - self.start]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(value, src=0)
+        self.elapsed_s = value[0]
+        return self.elapsed_s
+
+    @property
+    def spent(self) -> bool:
+        return self.budget_s > 0 and self.elapsed_s >= self.budget_s
+
+    def progress(self, step: int) -> float:
+        """Fraction of the cosine decay done at this step (0 during the warmup)."""
+        if step < self.warmup_steps:
+            return 0.0
+        if not self.budget_s:
+            return (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        if self.warmup_end_s is None:
+            self.warmup_end_s = self.elapsed_s
+        return (self.elapsed_s - self.warmup_end_s) / max(self.budget_s - self.warmup_end_s, 1e-9)
+
+    def full_tokens(self, epoch: int, history: list[dict[str, Any]]) -> bool:
+        """Whether this epoch (0-based) trains without patch dropout."""
+        if not self.budget_s:
+            return epoch >= self.epochs - self.full_token_epochs
+        if not (self.full_token_epochs and self.patch_drop):
+            return False
+        dropped = [h["epoch_time"] for h in history if h.get("patch_drop", self.patch_drop) > 0]
+        if not dropped:
+            return False
+        full_epoch_s = statistics.mean(dropped) / (1 - self.patch_drop)
+        return self.budget_s - self.read() <= self.full_token_epochs * full_epoch_s
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warmup_end_s": self.warmup_end_s}
+
+
+# --------------------------------------------------------------------------------------------
+# One training step, one epoch, evaluation
 # --------------------------------------------------------------------------------------------
 
 def param_groups(model: VisionTransformer, weight_decay: float) -> list[dict[str, Any]]:
@@ -236,72 +298,149 @@ def param_groups(model: VisionTransformer, weight_decay: float) -> list[dict[str
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class Schedule:
-    """Learning-rate factor per step: linear warmup, then cosine decay to min_ratio over the
-    remaining steps or, with a time budget, over the remaining time. Its state is plain numbers,
-    so LambdaLR's state_dict carries it into checkpoints."""
+@dataclass
+class Learner:
+    """What a training step changes: the model, its EMA, the optimiser and the fp16 loss scaler.
+    `forward` is the model as trained (compiled and/or wrapped in DDP)."""
 
-    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float, budget_s: float = 0.0) -> None:
-        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
-        self.budget_s = budget_s
-        self.elapsed_s = 0.0  # set by the training loop before each step, in time mode
-        self.warmup_end_s = -1.0  # elapsed time when the warmup ended, in time mode
+    model: VisionTransformer
+    forward: nn.Module
+    ema: VisionTransformer | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_ctx: Any
+    cfg: TrainConfig
 
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.budget_s > 0:
-            if self.warmup_end_s < 0:
-                self.warmup_end_s = self.elapsed_s
-            t = (self.elapsed_s - self.warmup_end_s) / max(self.budget_s - self.warmup_end_s, 1e-9)
-        else:
-            t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+    @classmethod
+    def build(cls, cfg: TrainConfig, mcfg: ViTConfig, device: torch.device, world: int) -> Learner:
+        model = VisionTransformer(mcfg).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                      betas=(0.9, cfg.beta2), fused=True)
+        amp_ctx, amp_dtype = amp_context(cfg, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        forward = torch.compile(model) if cfg.compile else model
+        if world > 1:
+            forward = nn.parallel.DistributedDataParallel(
+                forward, device_ids=[device.index] if device.type == "cuda" else None)
+        return cls(model, forward, ema, optimizer, scaler, amp_ctx, cfg)
+
+    def step(self, x: Tensor, target: Tensor, lr: float) -> tuple[Tensor, Tensor]:
+        """One optimiser step on a batch (B, C, H, W) with soft targets (B, K); returns the loss
+        and the logits (B, K), both detached."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.amp_ctx:
+            logits = self.forward(x)  # (B, K)
+        loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - self.cfg.ema)
+        return loss.detach(), logits.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        load_state_dict_checked(self.model, ckpt["model"])
+        if self.ema is not None:
+            load_state_dict_checked(self.ema, ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
 
 
-def augment(x: Tensor, y: Tensor, cfg: TrainConfig, num_classes: int) -> tuple[Tensor, Tensor]:
-    """uint8 images (B, 3, H, W) and labels (B,) -> normalised floats and soft targets (B, K)."""
-    x = random_crop_flip(x, cfg.crop_pad, cfg.flip)
-    if cfg.randaug_n > 0:
-        x = rand_augment(x, cfg.randaug_n, cfg.randaug_m)
-    x = normalize(x)
-    if cfg.erase_prob > 0:
-        x = random_erasing(x, cfg.erase_prob)
-    target = F.one_hot(y, num_classes).float()
-    target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        x, target = mixup_cutmix(x, target, cfg.mixup, cfg.cutmix, cfg.mix_prob)
-    return x, target
+def train_epoch(learner: Learner, batches: TrainBatches, epoch: int, step: int, budget: TimeBudget,
+                stop: StopFlag, log: Callable[[dict[str, float], int], None], show: bool) -> tuple[dict[str, Any], int]:
+    """One epoch, or less if the time budget runs out; returns the epoch's record and the step count.
+    Loss and accuracy stay on the device and are read once per log interval."""
+    cfg, model = learner.cfg, learner.model
+    model.train()
+    dev = batches.x.device
+    loss_sum, correct = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    t_data = t_step = 0.0
+    t_epoch = t_ready = time.perf_counter()
+    desc = (f"epoch {epoch + 1} ({(budget.budget_s - budget.elapsed_s) / 60:.1f} min left)" if budget.budget_s
+            else f"epoch {epoch + 1}/{cfg.epochs}")
+    bar = tqdm(batches.epoch(epoch), total=len(batches), desc=desc, disable=not show, leave=False,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    for i, (x, target) in enumerate(bar):
+        t0 = time.perf_counter()
+        t_data += t0 - t_ready
+        loss, logits = learner.step(x, target, lr_at(step, budget.progress(step), budget.warmup_steps, cfg.lr,
+                                                      cfg.min_lr))
+        step += 1
+        loss_sum += loss
+        correct += (logits.argmax(1) == target.argmax(1)).sum()
+        t_ready = time.perf_counter()
+        t_step += t_ready - t0
+        if (i + 1) % cfg.log_every == 0 or i + 1 == len(batches):
+            mean_loss = loss_sum.item() / (i + 1)  # one host sync per log interval
+            if budget.budget_s:
+                budget.read()
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"loss became {mean_loss} at epoch {epoch + 1}, step {step}; stopped "
+                                         f"without saving. Try a lower --lr or --clip-grad.")
+            ips = (i + 1) * cfg.batch_size / (time.perf_counter() - t_epoch)
+            acc = correct.item() / ((i + 1) * len(x))
+            lr = learner.optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100 * acc:.1f}%", lr=f"{lr:.2e}", img_s=f"{ips:.0f}",
+                            refresh=False)
+            log({"train/loss": mean_loss, "train/acc": acc, "lr": lr, "images_per_sec": ips}, step)
+        if stop.requested or budget.spent:
+            break
+    bar.close()
+    if stop.requested:  # mid-epoch: keep only whole epochs, so resuming is exact
+        raise KeyboardInterrupt
+    epoch_time = time.perf_counter() - t_epoch
+    steps_done = i + 1  # fewer than len(batches) when the time budget ran out
+    return {"epoch": epoch + 1, "step": step, "train_loss": loss_sum.item() / steps_done,
+            "train_acc": correct.item() / (steps_done * len(x)),
+            "lr": lr_at(step, budget.progress(step), budget.warmup_steps, cfg.lr, cfg.min_lr),
+            "epoch_time": epoch_time, "images_per_sec": steps_done * cfg.batch_size / epoch_time,
+            "data_time_frac": t_data / max(t_data + t_step, 1e-9), "patch_drop": model.patch_drop_rate}, step
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, x_all: Tensor, y_all: Tensor, batch_size: int, amp_ctx: Any,
-             num_classes: int) -> dict[str, Any]:
-    """Loss, accuracy and confusion matrix (rows: true class) over this process's share."""
+def evaluate(model: nn.Module, x_all: Tensor, y_all: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+             batch_size: int, amp_ctx: Any = None) -> dict[str, Any]:
+    """Loss, accuracy and confusion matrix (rows: true class) of uint8 images (N, C, H, W) with
+    labels (N,), summed over the DDP processes (each holds its own share)."""
     model.eval()
+    K = model.num_classes
     loss_sum = torch.zeros((), device=x_all.device)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=x_all.device)
+    confusion = torch.zeros(K, K, dtype=torch.long, device=x_all.device)
     for i in range(0, len(x_all), batch_size):
-        x, y = normalize(x_all[i:i + batch_size]), y_all[i:i + batch_size]
-        with amp_ctx:
-            logits = model(x)
+        x, y = normalize(x_all[i:i + batch_size], mean, std), y_all[i:i + batch_size]
+        with amp_ctx or contextlib.nullcontext():
+            logits = model(x)  # (b, K)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        confusion += torch.bincount(y * num_classes + logits.argmax(1),
-                                    minlength=num_classes**2).view(num_classes, num_classes)
+        confusion += torch.bincount(y * K + logits.argmax(1), minlength=K * K).view(K, K)
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
         dist.all_reduce(confusion)
     n = confusion.sum().clamp(min=1)
-    return {"loss": (loss_sum / n).item(), "acc": (confusion.diag().sum() / n).item(),
-            "confusion": confusion.cpu()}
+    return {"loss": (loss_sum / n).item(), "acc": (confusion.diag().sum() / n).item(), "confusion": confusion.cpu()}
 
+
+# --------------------------------------------------------------------------------------------
+# Logging, interruption, devices
+# --------------------------------------------------------------------------------------------
 
 class SafeWandb:
     """W&B logging that never kills training: any failure becomes one warning."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, run_id: str | None) -> None:
+    def __init__(self, cfg: TrainConfig | None, run_dir: Path, run_id: str | None) -> None:
+        """cfg None: off (DDP processes other than rank 0)."""
         self.run = None
-        if cfg.wandb == "off":
+        if cfg is None or cfg.wandb == "off":
             return
         try:
             import wandb
@@ -332,7 +471,8 @@ class SafeWandb:
 
 
 class StopFlag:
-    """First Ctrl-C (or SIGTERM): finish the current step, save, exit. Second Ctrl-C: exit now."""
+    """First Ctrl-C (or SIGTERM): finish the current step and exit, keeping the finished epochs.
+    Second Ctrl-C: exit now."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -342,72 +482,13 @@ class StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstop requested: saving a checkpoint after this step (Ctrl-C again to abort)",
-              file=sys.stderr)
+        print("\nstop requested: stopping after this step; last.pt keeps every finished epoch and the "
+              "current one will be redone on --resume (Ctrl-C again to abort at once)", file=sys.stderr)
 
     def restore(self) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
 
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_confusion_png(confusion: Tensor, classes: tuple[str, ...], path: Path, title: str) -> None:
-    plt = pyplot()
-    cm = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    im = ax.imshow(cm.numpy(), cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, f"{cm[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if cm[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="fraction of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def save_curve_png(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    plt = pyplot()
-    ev = [h for h in history if "eval_acc" in h]
-    n_full = max((h.get("eval_images", 0) for h in ev), default=0)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot([h["epoch"] for h in history], [100 * h["train_acc"] for h in history], label="train (augmented)")
-    ax.plot([h["epoch"] for h in ev], [100 * h["eval_acc"] for h in ev], "-", color="C1")
-    for part in (True, False):  # hollow markers: evaluated on a subset (--eval-subset)
-        hs = [h for h in ev if (h.get("eval_images", n_full) < n_full) == part]
-        if hs:
-            n = hs[0].get("eval_images")
-            ax.plot([h["epoch"] for h in hs], [100 * h["eval_acc"] for h in hs], "o", color="C1",
-                    mfc="none" if part else "C1", label=f"evaluation ({n:,} images)" if n else "evaluation")
-    for h in ev[-1:]:
-        title += f"\nlast: {100 * h['eval_acc']:.2f}% after {h['elapsed_min']:.1f} min of training"
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------
-# Main
-# --------------------------------------------------------------------------------------------
 
 def setup_device(cfg: TrainConfig) -> tuple[torch.device, int, int]:
     """Device, rank and world size; initialises DDP when launched by torchrun."""
@@ -452,241 +533,152 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def run_eval_only(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(args.eval_only)
-    cfg = resolve_config(args, ckpt["config"])
+    cfg = resolve_config(args, ckpt)
     device, _, _ = setup_device(cfg)
     model = model_from_checkpoint(ckpt).to(device)
-    data = load_dataset(cfg.data_dir, cfg.download)
+    data = load_dataset(cfg.data_dir, cfg.download, with_train=False)
     amp_ctx, _ = amp_context(cfg, device)
-    res = evaluate(model, data.test_x.to(device), data.test_y.to(device), cfg.eval_batch_size,
-                   amp_ctx, len(data.classes))
+    res = evaluate(model, data.test_x.to(device), data.test_y.to(device), *input_normalization(ckpt),
+                   cfg.eval_batch_size, amp_ctx)
     cm = res["confusion"]
     print(f"test accuracy {100 * res['acc']:.2f}%  loss {res['loss']:.4f}  ({cm.sum()} images)")
     for i, name in enumerate(data.classes):
         print(f"  {name:>12s}: {100 * cm[i, i] / max(cm[i].sum(), 1):.1f}%")
     png = resolve_checkpoint_path(args.eval_only).with_name("confusion_matrix.png")
-    save_confusion_png(cm, data.classes, png, f"CIFAR-10 test, accuracy {100 * res['acc']:.2f}%")
+    save_confusion_png(cm, data.classes, png, f"test set, accuracy {100 * res['acc']:.2f}%")
     print(f"confusion matrix: {png}")
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    cfg = resolve_config(args, ckpt["config"] if ckpt else None)
-    device, rank, world = setup_device(cfg)
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
-    torch.manual_seed(cfg.seed + rank)  # augmentation and dropout differ per process
-    is_main = rank == 0
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
 
-    data = load_dataset(cfg.data_dir, cfg.download)
-    num_classes = len(data.classes)
+@dataclass
+class EvalSet:
+    """Evaluation images of this process (uint8, on the device): all of them, and the evenly spaced
+    subset used between epochs (--eval-subset; every class equally often when sorted by class)."""
+
+    name: str  # "test" or "val"
+    size: int  # images over all processes
+    x: Tensor
+    y: Tensor
+    sub_x: Tensor
+    sub_y: Tensor
+    subset: int
+
+
+def split_data(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, world: int
+               ) -> tuple[Tensor, Tensor, EvalSet]:
+    """Training images and the evaluation set: the test set, or --val-split images held out of the
+    training set (a fixed permutation, the same for every seed)."""
     train_x, train_y, eval_x, eval_y = data.train_x, data.train_y, data.test_x, data.test_y
     if cfg.val_split:
-        if not 0 < cfg.val_split < len(train_x):
+        if not cfg.val_split < len(train_x):
             raise ValueError(f"--val-split must be in (0, {len(train_x)}), got {cfg.val_split}")
         perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1234))
         eval_x, eval_y = train_x[perm[:cfg.val_split]], train_y[perm[:cfg.val_split]]
         train_x, train_y = train_x[perm[cfg.val_split:]], train_y[perm[cfg.val_split:]]
-    eval_name = "val" if cfg.val_split else "test"
-    n_eval = len(eval_x)
-    if not 0 <= cfg.eval_subset < n_eval:
-        raise ValueError(f"--eval-subset must be in [0, {n_eval}), got {cfg.eval_subset}")
-    # evenly spaced indices: every class equally often when the images are sorted by class
-    sub = torch.arange(cfg.eval_subset) * n_eval // max(cfg.eval_subset, 1)
-    # whole data set on the device once; each process evaluates its own share
-    train_x, train_y = train_x.to(device), train_y.to(device)
-    sub_x, sub_y = eval_x[sub][rank::world].to(device), eval_y[sub][rank::world].to(device)
-    eval_x, eval_y = eval_x[rank::world].to(device), eval_y[rank::world].to(device)
+    n = len(eval_x)
+    if not cfg.eval_subset < n:
+        raise ValueError(f"--eval-subset must be in [0, {n}), got {cfg.eval_subset}")
+    sub = torch.arange(cfg.eval_subset) * n // max(cfg.eval_subset, 1)
+    evals = EvalSet("val" if cfg.val_split else "test", n, eval_x[rank::world].to(device),
+                    eval_y[rank::world].to(device), eval_x[sub][rank::world].to(device),
+                    eval_y[sub][rank::world].to(device), cfg.eval_subset)
+    return train_x.to(device), train_y.to(device), evals
 
-    mcfg = model_config(cfg, num_classes)
-    model = VisionTransformer(mcfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(0.9, cfg.beta2), fused=True)
-    local_bs = cfg.batch_size // world
-    steps_per_epoch = len(train_x) // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_x)} training images")
-    total_steps = cfg.epochs * steps_per_epoch
-    budget_s = cfg.time_budget * 60
-    schedule = Schedule(round(cfg.warmup_epochs * steps_per_epoch), total_steps, cfg.min_lr / cfg.lr, budget_s)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    amp_ctx, amp_dtype = amp_context(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start_epoch, step, best_acc, history, run_id = 0, 0, 0.0, [], None
+def epoch_line(rec: dict[str, Any], evals: EvalSet, budget: TimeBudget, epochs: int) -> str:
+    line = f"epoch {rec['epoch']:3d}{'' if budget.budget_s else f'/{epochs}'}  loss {rec['train_loss']:.4f}  "
+    line += f"train {100 * rec['train_acc']:.2f}%  "
+    if "eval_acc" in rec:
+        line += f"{evals.name} {100 * rec['eval_acc']:.2f}% (loss {rec['eval_loss']:.4f}"
+        line += f", {rec['eval_images']} images)  " if rec["eval_images"] < evals.size else ")  "
+    return line + (f"lr {rec['lr']:.2e}  {rec['images_per_sec']:.0f} img/s  data {100 * rec['data_time_frac']:.1f}%  "
+                   f"{rec['epoch_time']:.0f}s  [{rec['elapsed_min']:.1f} min]")
+
+
+def log_epoch(rec: dict[str, Any], evals: EvalSet, budget: TimeBudget, cfg: TrainConfig, wb: SafeWandb) -> None:
+    tqdm.write(epoch_line(rec, evals, budget, cfg.epochs))
+    wb.log({"train/epoch_loss": rec["train_loss"], "train/epoch_acc": rec["train_acc"], "epoch": rec["epoch"],
+            "epoch_time": rec["epoch_time"], "data_time_frac": rec["data_time_frac"],
+            **({f"{evals.name}/{k}": rec[f"eval_{k}"] for k in ("loss", "acc", "images")} if "eval_acc" in rec
+               else {})}, rec["step"])
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    cfg = resolve_config(args, ckpt)
+    device, rank, world = setup_device(cfg)
+    torch.manual_seed(cfg.seed + rank)  # augmentation and dropout differ per process
+    is_main = rank == 0
+
+    data = load_dataset(cfg.data_dir, cfg.download)
+    mean, std = input_normalization(ckpt) if ckpt else (data.mean, data.std)  # preprocessing travels with weights
+    train_x, train_y, evals = split_data(cfg, data, device, rank, world)
+    augment = Augment(len(data.classes), mean, std, cfg.crop_pad, cfg.flip, cfg.randaug_n, cfg.randaug_m,
+                      cfg.erase_prob, cfg.label_smoothing, cfg.mixup, cfg.cutmix, cfg.mix_prob)
+    batches = TrainBatches(train_x, train_y, cfg.batch_size, augment, cfg.seed, rank, world)
+    mcfg = vit_config(cfg, len(data.classes))
+    learner = Learner.build(cfg, mcfg, device, world)
+    eval_model = learner.ema if learner.ema is not None else learner.model
+
+    start, step, best_acc, history, run_id = 0, 0, 0.0, [], None
     run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     if ckpt:
-        load_state_dict_checked(model, ckpt["model"])
-        if ema is not None:
-            load_state_dict_checked(ema, ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, best_acc = ckpt["epoch"], ckpt["step"], ckpt["best_acc"]
-        history, run_id = ckpt["history"], ckpt["wandb_run_id"]
+        learner.load_state_dict(ckpt)
+        start, step, best_acc, history, run_id = (ckpt[k] for k in ("epoch", "step", "best_acc", "history",
+                                                                     "wandb_run_id"))
         set_rng_state(ckpt["rng_states"][rank])
         run_dir = resolve_checkpoint_path(args.resume).parent
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    train_model = torch.compile(model) if cfg.compile else model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    eval_model = ema if ema is not None else model
-
-    n_params = sum(p.numel() for p in model.parameters())
-    wb = SafeWandb(cfg, run_dir, run_id) if is_main else None
+    budget = TimeBudget(cfg, len(batches), elapsed_s=history[-1]["elapsed_min"] * 60 if history else 0.0,
+                        warmup_end_s=(ckpt or {}).get("time_budget", {}).get("warmup_end_s"))
+    n_params = sum(p.numel() for p in learner.model.parameters())
+    wb = SafeWandb(cfg if is_main else None, run_dir, run_id)
     if is_main:
-        print(f"{'resuming' if ckpt else 'starting'} run {run_dir} on {device} x{world}")
-        print(json.dumps(dataclasses.asdict(cfg), indent=None))
-        print(f"model: {n_params:,} parameters, {mcfg.num_tokens} tokens, "
-              f"{steps_per_epoch} steps/epoch, {len(train_x)} train / {n_eval} {eval_name}"
-              + (f" ({cfg.eval_subset} between epochs)" if cfg.eval_subset else ""))
+        print(f"{'resuming' if ckpt else 'starting'} run {run_dir} on {device} x{world}, after {start} epochs\n"
+              f"{json.dumps(dataclasses.asdict(cfg))}\nmodel: {n_params:,} parameters, {mcfg.num_tokens} tokens, "
+              f"{len(batches)} steps/epoch, {len(train_x)} train / {evals.size} {evals.name}"
+              + (f" ({evals.subset} between epochs)" if evals.subset else ""))
 
-    def checkpoint(epoch: int) -> dict[str, Any]:
-        rngs = [None] * world
+    def checkpoint(epochs_done: int) -> dict[str, Any]:
+        rngs = [rng_state()]
         if world > 1:
+            rngs = [None] * world
             dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        return {"config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(),
-                "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_acc": best_acc,
-                "history": history, "rng_states": rngs, "wandb_run_id": wb.id if wb else None,
-                "classes": list(data.classes), "normalize": {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}}
+        return {"config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(), **learner.state_dict(),
+                "epoch": epochs_done, "step": step, "best_acc": best_acc, "history": history, "rng_states": rngs,
+                "time_budget": budget.state_dict(), "wandb_run_id": wb.id, "classes": list(data.classes),
+                "normalize": {"mean": list(mean), "std": list(std)}}
 
     stop = StopFlag()
-    t_run = time.time() - (history[-1]["elapsed_min"] * 60 if history else 0.0)
     last_epoch = min(cfg.epochs, cfg.stop_at_epoch or cfg.epochs)
-    epoch = start_epoch
-
-    def from_rank0(value: float) -> float:  # the same number in every process
-        if world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.broadcast(t, 0)
-        return t.item()
-
-    def elapsed() -> float:  # seconds since the run started
-        return from_rank0(time.time() - t_run)
-
-    def full_tokens(epoch: int) -> bool:  # the last phase trains without patch dropout
-        if not budget_s:
-            return epoch >= cfg.epochs - cfg.full_token_epochs
-        if not (cfg.full_token_epochs and cfg.patch_drop):
-            return False
-        dropped = [h["epoch_time"] for h in history if h.get("patch_drop", cfg.patch_drop) > 0]
-        if not dropped:
-            return False
-        full_epoch_s = statistics.mean(dropped) / (1 - cfg.patch_drop)  # cost grows with the tokens kept
-        return bool(from_rank0(budget_s - (time.time() - t_run) <= cfg.full_token_epochs * full_epoch_s))
-
-    if budget_s and elapsed() >= budget_s:
-        last_epoch = start_epoch  # a resumed run whose time is spent: nothing left to do
+    if budget.budget_s and budget.read() >= budget.budget_s:
+        last_epoch = start  # a resumed run whose time is spent: nothing left to do
+    epoch = start
     try:
-        # With a time budget the last epoch is the one in which the clock (read every --log-every steps)
-        # passes the budget; if that happens during an evaluation, the next epoch stops after one interval.
-        for epoch in range(start_epoch, last_epoch):
-            model.train()
-            model.patch_drop_rate = 0.0 if full_tokens(epoch) else cfg.patch_drop
-            # the same permutation in every process, a function of (seed, epoch) alone
-            perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            perm = perm[: steps_per_epoch * cfg.batch_size].view(steps_per_epoch, cfg.batch_size)
-            perm = perm[:, rank * local_bs:(rank + 1) * local_bs].to(device)
-            out_of_time = False
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device)
-            t_data = t_step = 0.0
-            t_epoch = time.time()
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}" if not budget_s else
-                       f"epoch {epoch + 1} ({(budget_s - time.time() + t_run) / 60:.1f} min left)",
-                       disable=not is_main, mininterval=1.0 if sys.stderr.isatty() else 30.0,
-                       leave=False, dynamic_ncols=True)
-            for i in bar:
-                t0 = time.perf_counter()
-                idx = perm[i]
-                x, target = augment(train_x[idx], train_y[idx], cfg, num_classes)
-                t1 = time.perf_counter()
-                with amp_ctx:
-                    logits = train_model(x)
-                loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    with torch.no_grad():
-                        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.ema)
-                step += 1
-                loss_sum += loss.detach()
-                correct += (logits.argmax(1) == target.argmax(1)).sum()
-                t_data += t1 - t0
-                t_step += time.perf_counter() - t1
-                if (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch:
-                    mean_loss = loss_sum.item() / (i + 1)  # one host sync per log interval
-                    if budget_s:  # the clock drives the decay, read (and agreed on) once per interval
-                        schedule.elapsed_s = elapsed()
-                        out_of_time = schedule.elapsed_s >= budget_s
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(
-                            f"loss became {mean_loss} at epoch {epoch + 1}, step {step}; stopped without "
-                            f"saving, the last good checkpoint is {run_dir / 'last.pt'}. "
-                            f"Try a lower --lr or --clip-grad.")
-                    if is_main:
-                        ips = (i + 1) * cfg.batch_size / (time.time() - t_epoch)
-                        acc = correct.item() / ((i + 1) * local_bs)
-                        lr = scheduler.get_last_lr()[0]
-                        bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100 * acc:.1f}%", lr=f"{lr:.2e}",
-                                        img_s=f"{ips:.0f}", refresh=False)
-                        wb.log({"train/loss": mean_loss, "train/acc": acc, "lr": lr, "images_per_sec": ips}, step)
-                scheduler.step()  # after the log block, which reads the clock for the time budget
-                if stop.requested or out_of_time:
-                    break
-            if stop.requested:  # mid-epoch: keep only whole epochs, so resuming is exact
-                raise KeyboardInterrupt
-            bar.close()
-            epoch_time = time.time() - t_epoch
-            steps_done = i + 1  # fewer than steps_per_epoch when the time budget ran out
-            rec = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum.item() / steps_done,
-                   "train_acc": correct.item() / (steps_done * local_bs), "lr": scheduler.get_last_lr()[0],
-                   "epoch_time": epoch_time, "images_per_sec": steps_done * cfg.batch_size / epoch_time,
-                   "data_time_frac": t_data / max(t_data + t_step, 1e-9), "patch_drop": model.patch_drop_rate}
-            final = epoch + 1 == cfg.epochs or out_of_time
+        for epoch in range(start, last_epoch):
+            learner.model.patch_drop_rate = 0.0 if budget.full_tokens(epoch, history) else cfg.patch_drop
+            rec, step = train_epoch(learner, batches, epoch, step, budget, stop, wb.log, is_main)
+            final = epoch + 1 == cfg.epochs or budget.spent  # the last epoch is evaluated on all images
             if final or (epoch + 1) % cfg.eval_every == 0:
-                subset = bool(cfg.eval_subset) and not final
-                res = evaluate(eval_model, sub_x if subset else eval_x, sub_y if subset else eval_y,
-                               cfg.eval_batch_size, amp_ctx, num_classes)
-                rec.update(eval_loss=res["loss"], eval_acc=res["acc"],
-                           eval_images=cfg.eval_subset if subset else n_eval)
-            rec["elapsed_min"] = (time.time() - t_run) / 60
+                sub = bool(evals.subset) and not final
+                res = evaluate(eval_model, evals.sub_x if sub else evals.x, evals.sub_y if sub else evals.y,
+                               mean, std, cfg.eval_batch_size, learner.amp_ctx)
+                rec.update(eval_loss=res["loss"], eval_acc=res["acc"], eval_images=evals.subset if sub else evals.size)
+            rec["elapsed_min"] = budget.read() / 60
             history.append(rec)
             if is_main:
-                line = (f"epoch {epoch + 1:3d}{'' if budget_s else f'/{cfg.epochs}'}  loss {rec['train_loss']:.4f}  "
-                        f"train {100 * rec['train_acc']:.2f}%  ")
-                if "eval_acc" in rec:
-                    line += f"{eval_name} {100 * rec['eval_acc']:.2f}% (loss {rec['eval_loss']:.4f}"
-                    line += f", {rec['eval_images']} images)  " if rec["eval_images"] < n_eval else ")  "
-                line += (f"lr {rec['lr']:.2e}  {rec['images_per_sec']:.0f} img/s  "
-                         f"data {100 * rec['data_time_frac']:.1f}%  {rec['epoch_time']:.0f}s  "
-                         f"[{rec['elapsed_min']:.1f} min]")
-                tqdm.write(line)
-                wb.log({"train/epoch_loss": rec["train_loss"], "train/epoch_acc": rec["train_acc"],
-                        "epoch_time": epoch_time, "data_time_frac": rec["data_time_frac"], "epoch": epoch + 1,
-                        **({f"{eval_name}/loss": rec["eval_loss"], f"{eval_name}/acc": rec["eval_acc"],
-                            f"{eval_name}/images": rec["eval_images"]} if "eval_acc" in rec else {})}, step)
-            is_best = rec.get("eval_images") == n_eval and rec["eval_acc"] > best_acc
-            if is_best:
-                best_acc = rec["eval_acc"]
+                log_epoch(rec, evals, budget, cfg, wb)
+            is_best = rec.get("eval_images") == evals.size and rec["eval_acc"] > best_acc
+            best_acc = rec["eval_acc"] if is_best else best_acc
             state = checkpoint(epoch + 1)
             if is_main:
                 atomic_save(state, run_dir / "last.pt")
                 if is_best:
                     atomic_save(state, run_dir / "best.pt")
-            if out_of_time:
+            if budget.spent:
                 break
     except KeyboardInterrupt:
         if is_main:
@@ -695,12 +687,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(130) from None
     finally:
         stop.restore()
-        if wb:
-            wb.finish()
+        wb.finish()
     if is_main and history:
         save_curve_png(history, run_dir / "accuracy_curve.png",
-                       f"{cfg.model}, {n_params / 1e6:.2f}M params: best {eval_name} {100 * best_acc:.2f}%")
-        print(f"done: best {eval_name} accuracy {100 * best_acc:.2f}%, checkpoints in {run_dir}")
+                       f"{cfg.model}, {n_params / 1e6:.2f}M params: best {evals.name} {100 * best_acc:.2f}%")
+        print(f"done: best {evals.name} accuracy {100 * best_acc:.2f}%, checkpoints in {run_dir}")
     return {"best_acc": best_acc, "history": history, "run_dir": str(run_dir)}
 
 

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, DataNotFoundError, load_dataset, read_image
-from train_cifar10 import find_latest_checkpoint, load_checkpoint, model_from_checkpoint, pyplot
+from checkpoint import find_latest_checkpoint, input_normalization, load_checkpoint, model_from_checkpoint
+from data import CIFAR10_CLASSES, DataNotFoundError, load_dataset, normalize, read_image
+from plots import pyplot
 from vit_model import VisionTransformer, load_jax_npz, load_torchvision_pretrained
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision weights
@@ -131,8 +132,7 @@ def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, str, tuple,
             f"first, e.g. `python train_cifar10.py --preset cpu --data-dir DATA`, or pass "
             f"--checkpoint, --torchvision-weights vit_b_16 or --npz FILE")
     ckpt = load_checkpoint(path)
-    norm = ckpt.get("normalize", {"mean": CIFAR10_MEAN, "std": CIFAR10_STD})
-    return model_from_checkpoint(ckpt), f"checkpoint {path}", tuple(norm["mean"]), tuple(norm["std"])
+    return model_from_checkpoint(ckpt), f"checkpoint {path}", *input_normalization(ckpt)
 
 
 def load_images(args: argparse.Namespace, size: int) -> tuple[Tensor, list[str]]:
@@ -153,13 +153,11 @@ def load_images(args: argparse.Namespace, size: int) -> tuple[Tensor, list[str]]
 def collect_attention(model: VisionTransformer, x: Tensor, mean: tuple, std: tuple,
                       batch_size: int = 64) -> tuple[list[Tensor], Tensor]:
     """Attention of every layer (B, h, N, N) for uint8 images x, and the predicted classes."""
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
     dev = next(model.parameters()).device
     layers: list[list[Tensor]] = [[] for _ in model.blocks]
     preds = []
     for i in range(0, len(x), batch_size):
-        xb = ((x[i:i + batch_size].float() / 255 - m) / s).to(dev)
+        xb = normalize(x[i:i + batch_size].to(dev), mean, std)  # (b, 3, H, W)
         logits, attns = model(xb, return_attention=True)
         preds.append(logits.argmax(1).cpu())
         for store, a in zip(layers, attns, strict=True):

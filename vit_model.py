@@ -388,51 +388,59 @@ class VisionTransformer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Factories: Table 1 of the paper, and small presets for 32x32 images (CIFAR-10)
+# Named configurations and factories: Table 1 of the paper, and small presets for 32x32 images
 # --------------------------------------------------------------------------------------------
 
-def _make(defaults: dict[str, Any], kwargs: dict[str, Any]) -> VisionTransformer:
-    return VisionTransformer(ViTConfig(**{**defaults, **kwargs}))
+# One registry of named configurations: Table 1 of the paper (ImageNet sizes, patch 16/14 at 224) and
+# small presets for 32x32 images (patch 4: an 8x8 grid, 64 patches, 65 tokens with [CLS]).
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16),  # 86.6M as B/16
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, patch_size=16),  # 304.3M as L/16
+    "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4.0, patch_size=14),  # 632.0M as H/14
+    "vit_cifar_tiny": dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, patch_size=4, img_size=32,
+                           num_classes=10),
+    "vit_cifar_small": dict(embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0, patch_size=4, img_size=32,
+                            num_classes=10),
+    "vit_cifar_base": dict(embed_dim=256, depth=12, num_heads=8, mlp_ratio=4.0, patch_size=4, img_size=32,
+                           num_classes=10),
+}
+CIFAR_PRESETS = tuple(name for name in MODEL_CONFIGS if name.startswith("vit_cifar"))
+
+
+def model_config(name: str, **overrides: Any) -> ViTConfig:
+    """The named configuration of MODEL_CONFIGS with some fields replaced (None keeps the preset's)."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_CONFIGS)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return ViTConfig(**{**MODEL_CONFIGS[name], **given})
 
 
 def vit_base(patch_size: int = 16, img_size: int = 224, num_classes: int = 1000, **kwargs: Any
              ) -> VisionTransformer:
     """ViT-Base (Table 1): 12 layers, D=768, MLP 3072, 12 heads; 86.6M parameters as B/16."""
-    return _make(dict(embed_dim=768, depth=12, num_heads=12, patch_size=patch_size,
-                      img_size=img_size, num_classes=num_classes), kwargs)
+    return VisionTransformer(model_config("vit_base", patch_size=patch_size, img_size=img_size,
+                                          num_classes=num_classes, **kwargs))
 
 
 def vit_large(patch_size: int = 16, img_size: int = 224, num_classes: int = 1000, **kwargs: Any
               ) -> VisionTransformer:
     """ViT-Large (Table 1): 24 layers, D=1024, MLP 4096, 16 heads; 304.3M parameters as L/16."""
-    return _make(dict(embed_dim=1024, depth=24, num_heads=16, patch_size=patch_size,
-                      img_size=img_size, num_classes=num_classes), kwargs)
+    return VisionTransformer(model_config("vit_large", patch_size=patch_size, img_size=img_size,
+                                          num_classes=num_classes, **kwargs))
 
 
 def vit_huge(patch_size: int = 14, img_size: int = 224, num_classes: int = 1000, **kwargs: Any
              ) -> VisionTransformer:
     """ViT-Huge (Table 1): 32 layers, D=1280, MLP 5120, 16 heads; 632.0M parameters as H/14."""
-    return _make(dict(embed_dim=1280, depth=32, num_heads=16, patch_size=patch_size,
-                      img_size=img_size, num_classes=num_classes), kwargs)
-
-
-# Small presets for 32x32 inputs: patch 4 gives an 8x8 grid, 64 patches (65 tokens with [CLS]).
-CIFAR_PRESETS: dict[str, dict[str, Any]] = {
-    "vit_cifar_tiny": dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
-    "vit_cifar_small": dict(embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0),
-    "vit_cifar_base": dict(embed_dim=256, depth=12, num_heads=8, mlp_ratio=4.0),
-}
+    return VisionTransformer(model_config("vit_huge", patch_size=patch_size, img_size=img_size,
+                                          num_classes=num_classes, **kwargs))
 
 
 def vit_cifar(name: str = "vit_cifar_small", num_classes: int = 10, **kwargs: Any) -> VisionTransformer:
-    """A small ViT for 32x32 images with 4x4 patches; `name` is a key of CIFAR_PRESETS."""
+    """A small ViT for 32x32 images with 4x4 patches; `name` is one of CIFAR_PRESETS."""
     if name not in CIFAR_PRESETS:
         raise ValueError(f"unknown CIFAR preset {name!r}; choose from {sorted(CIFAR_PRESETS)}")
-    defaults = dict(img_size=32, patch_size=4, num_classes=num_classes, **CIFAR_PRESETS[name])
-    return _make(defaults, kwargs)
-
-
-MODEL_FACTORIES = {"vit_base": vit_base, "vit_large": vit_large, "vit_huge": vit_huge}
+    return VisionTransformer(model_config(name, num_classes=num_classes, **kwargs))
 
 
 def estimate_flops(cfg: ViTConfig) -> dict[str, int]:
