@@ -401,6 +401,14 @@ def random_erasing(x: Tensor, prob: float = 0.25, area: tuple[float, float] = (0
     return torch.where(mask, torch.randn_like(x), x)
 
 
+def _beta(alpha: float, n: int, device: torch.device) -> Tensor:
+    """n draws of Beta(alpha, alpha) as g1 / (g1 + g2) with g ~ Gamma(alpha, 1), made on the device
+    without argument checks: no host copy or synchronisation."""
+    gamma = torch.distributions.Gamma(torch.full((2, n), max(alpha, 1e-3), device=device), 1.0, validate_args=False)
+    g = gamma.sample()  # (2, n)
+    return g[0] / (g[0] + g[1])
+
+
 def mixup_cutmix(x: Tensor, y: Tensor, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  prob: float = 1.0) -> tuple[Tensor, Tensor]:
     """Mixup (Zhang et al., 2018) or CutMix (Yun et al., 2019), chosen and mixed per sample.
@@ -413,8 +421,7 @@ def mixup_cutmix(x: Tensor, y: Tensor, mixup_alpha: float = 0.8, cutmix_alpha: f
     apply = torch.rand(B, device=dev) < prob
     use_cut = torch.rand(B, device=dev) < (0.5 if mixup_alpha > 0 and cutmix_alpha > 0
                                            else float(cutmix_alpha > 0))
-    alphas = (torch.full((B,), max(alpha, 1e-3), device=dev) for alpha in (mixup_alpha, cutmix_alpha))
-    lam_mix, lam_cut = (torch.distributions.Beta(a, a).sample() for a in alphas)  # on the device: no host copy
+    lam_mix, lam_cut = (_beta(alpha, B, dev) for alpha in (mixup_alpha, cutmix_alpha))
     cut = (1.0 - lam_cut).sqrt()
     box = _boxes(B, H, W, (cut * H).round(), (cut * W).round(), dev)  # (B, 1, H, W)
     lam_cut = 1.0 - box.flatten(1).float().mean(1)  # area actually kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import signal
@@ -18,7 +19,9 @@ from PIL import Image
 import train_cifar10 as tc
 from data import (
     RANDAUG_OPS,
+    Augment,
     DataNotFoundError,
+    TrainBatches,
     apply_randaug_op,
     load_dataset,
     mixup_cutmix,
@@ -403,3 +406,166 @@ def test_warp_translates_shears_and_rotates_exactly():
             assert torch.equal(sheared[:, :, y, x], expected)
     rot90 = apply_randaug_op(img, "Rotate", 90.0)
     assert any(torch.equal(rot90, torch.rot90(img, k=k, dims=(2, 3))) for k in (1, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of the training loop, each on its own
+# ---------------------------------------------------------------------------------------------
+
+def test_sync_free_rand_augment_equals_the_grouped_one():
+    x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        grouped = rand_augment(x, 2, 9 + 5 * seed, host_sync=True)
+        torch.manual_seed(seed)
+        assert torch.equal(rand_augment(x, 2, 9 + 5 * seed, host_sync=False), grouped)
+
+
+def test_gpu_augmentation_needs_no_host_synchronisation():
+    # Meta tensors have shapes but no values: any operation that reads a value on the host
+    # (.item(), .tolist(), nonzero, unique, bincount) raises on them. The GPU recipe's whole
+    # transform runs on them, so on CUDA it never waits for the device.
+    aug = Augment(10, (0.5,) * 3, (0.25,) * 3, crop_pad=4, flip=True, randaug_n=2, randaug_m=9, erase_prob=0.25,
+                  label_smoothing=0.1, mixup=0.8, cutmix=1.0)
+    x, target = aug(torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta"),
+                    torch.empty(8, dtype=torch.long, device="meta"))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and target.shape == (8, 10)
+    with pytest.raises(NotImplementedError):  # the CPU path reads counts on the host, and the check sees it
+        rand_augment(torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta"), 2, 9, host_sync=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_augmentation_does_not_synchronise():
+    aug = Augment(10, (0.5,) * 3, (0.25,) * 3, randaug_n=2, erase_prob=0.25, label_smoothing=0.1, mixup=0.8,
+                  cutmix=1.0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    y = torch.randint(0, 10, (64,), device="cuda")
+    aug(x, y)  # warm-up: caches the operation table on the device
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        aug(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_batches_give_each_sample_once_with_disjoint_shards():
+    n, bs, world = 103, 10, 2
+    x = torch.arange(n).view(n, 1, 1, 1).to(torch.uint8)
+    y = torch.arange(n)
+    shards = [TrainBatches(x, y, bs, lambda a, b: (a, b), seed=3, rank=r, world=world) for r in range(world)]
+    assert len(shards[0]) == n // bs
+    for epoch in (0, 1):
+        steps = [[labels for _, labels in s.epoch(epoch)] for s in shards]
+        for a, b in zip(*steps, strict=True):  # per step: two disjoint halves of one global batch
+            assert len(a) == len(b) == bs // world and not set(a.tolist()) & set(b.tolist())
+        seen = torch.cat([t for per_rank in steps for t in per_rank])
+        assert len(seen) == len(set(seen.tolist())) == (n // bs) * bs  # each sample at most once, 3 dropped
+    again = TrainBatches(x, y, bs, lambda a, b: (a, b), seed=3, rank=0, world=world)
+    assert torch.equal(again.indices(1), shards[0].indices(1))  # same seed and epoch: same order
+    assert not torch.equal(shards[0].indices(0), shards[0].indices(1))  # a new order each epoch
+    with pytest.raises(ValueError, match="not divisible by 3 processes"):
+        TrainBatches(x, y, bs, lambda a, b: (a, b), world=3)
+
+
+def test_lr_at_warms_up_then_follows_the_cosine():
+    lr, min_lr = 1e-3, 1e-5
+    assert [tc.lr_at(s, 0.0, 4, lr, min_lr) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    for p in (0.0, 0.25, 0.5, 1.0, 1.5):
+        expected = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+        assert tc.lr_at(10, p, 4, lr, min_lr) == pytest.approx(expected)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def budget_config(**kw) -> tc.TrainConfig:
+    return tc.TrainConfig(**{"epochs": 100, "warmup_epochs": 1.0, "patch_drop": 0.5, "full_token_epochs": 1, **kw})
+
+
+def test_time_budget_rules_with_a_fake_clock():
+    clock = FakeClock()
+    b = tc.TimeBudget(budget_config(time_budget=10.0), steps_per_epoch=5, clock=clock)  # 600 s, warmup 5 steps
+    assert b.warmup_steps == 5 and b.progress(3) == 0.0  # warmup: by steps
+    clock.t += 60
+    b.read()
+    assert b.progress(5) == 0.0 and b.warmup_end_s == 60  # the decay starts when the warmup ends
+    clock.t += 270
+    assert b.progress(50) == 0.0  # the clock is only seen when read
+    b.read()
+    assert b.progress(50) == pytest.approx(0.5) and not b.spent
+    # full-token phase: epochs with dropout took 20 s, so a full-token epoch costs 40 s
+    history = [{"epoch_time": 20.0, "patch_drop": 0.5}] * 3
+    clock.t = 1000 + 559
+    assert not b.full_tokens(10, history)  # 41 s left
+    clock.t = 1000 + 560
+    assert b.full_tokens(10, history)  # 40 s left
+    clock.t = 1000 + 600
+    b.read()
+    assert b.spent and b.progress(99) == pytest.approx(1.0)
+
+
+def test_time_budget_carries_elapsed_time_over_a_resume_and_replans():
+    clock = FakeClock()
+    b = tc.TimeBudget(budget_config(time_budget=20.0), 5, elapsed_s=600.0, warmup_end_s=60.0, clock=clock)
+    assert b.read() == 600.0 and not b.spent  # a 10-minute run resumed with 20 minutes
+    assert b.progress(100) == pytest.approx((600 - 60) / (1200 - 60))  # the decay now ends at 20 minutes
+    steps = tc.TimeBudget(budget_config(epochs=30), 10, clock=clock)
+    assert steps.progress(10 + 145) == pytest.approx(0.5)  # by steps: 290 post-warmup steps in 30 epochs
+    assert not steps.full_tokens(28, []) and steps.full_tokens(29, [])  # the last epoch, by count
+
+
+def test_resume_with_more_epochs_replans_the_learning_rate(batches_dir, tmp_path, monkeypatch):
+    lrs: dict[str, list[float]] = {}
+    original = tc.Learner.step
+
+    def recording_step(self, x, target, lr):
+        lrs.setdefault(self.cfg.run_name, []).append(lr)
+        return original(self, x, target, lr)
+
+    monkeypatch.setattr(tc.Learner, "step", recording_step)
+    common = [*FAST, "--data-dir", str(batches_dir), "--out-dir", str(tmp_path), "--warmup-epochs", "1"]
+    run_main([*common, "--epochs", "3", "--run-name", "planned"])
+    run_main([*common, "--epochs", "1", "--run-name", "extended"])
+    run_main(["--resume", str(tmp_path / "extended" / "last.pt"), "--epochs", "3"])
+    planned, extended = lrs["planned"], lrs["extended"]
+    assert len(planned) == len(extended) == 30
+    assert extended[10:] == planned[10:]  # from the resume on: the schedule of a 3-epoch run
+    assert extended[10] > 0.5 * 1e-3  # not stuck at the old plan's end (min_lr)
+    assert torch.load(tmp_path / "extended" / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_non_cifar_image_folder_gets_its_own_normalisation(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "shapes"
+    images = {}
+    for split, n in (("train", 12), ("test", 4)):
+        for k, name in enumerate(("circle", "square")):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(40 * k, 120 + 60 * k, size=(32, 32, 3), dtype=np.uint8)
+                img[..., 2] //= 3  # a blue channel unlike CIFAR-10's
+                Image.fromarray(img).save(d / f"{i}.png")
+                images.setdefault(split, []).append(img)
+    data = load_dataset(root, download=False)
+    pixels = np.stack(images["train"]).astype(np.float64) / 255  # (N, H, W, 3)
+    np.testing.assert_allclose(data.mean, pixels.mean((0, 1, 2)), atol=1e-4)
+    np.testing.assert_allclose(data.std, pixels.std((0, 1, 2)), atol=1e-4)
+    run_main(["--epochs", "1", "--batch-size", "8", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
+              "--wandb", "off", "--data-dir", str(root), "--out-dir", str(tmp_path), "--run-name", "own"])
+    ckpt = torch.load(tmp_path / "own" / "last.pt", weights_only=True)
+    assert ckpt["normalize"] == {"mean": list(data.mean), "std": list(data.std)}
+    assert ckpt["classes"] == ["circle", "square"] and ckpt["model_config"]["num_classes"] == 2
+    from checkpoint import input_normalization
+    assert input_normalization(ckpt) == (data.mean, data.std)
+
+
+def test_figures_import_nothing_from_the_trainer():
+    code = "import sys, visualize_attention; print('train_cifar10' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -525,6 +525,15 @@ def rng_state() -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def gather_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every process's random number generator state, in rank order (for an exact resume)."""
+    if world == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
@@ -606,6 +615,21 @@ def log_epoch(rec: dict[str, Any], evals: EvalSet, budget: TimeBudget, cfg: Trai
                else {})}, rec["step"])
 
 
+@dataclass
+class RunState:
+    """Where a run stands after its finished epochs; saved in every checkpoint, restored by --resume."""
+
+    epoch: int = 0  # finished epochs
+    step: int = 0
+    best_acc: float = 0.0  # best accuracy on all evaluation images
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+    wandb_run_id: str | None = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any] | None) -> RunState:
+        return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)}) if ckpt else cls()
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = load_checkpoint(args.resume) if args.resume else None
     cfg = resolve_config(args, ckpt)
@@ -623,44 +647,32 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     learner = Learner.build(cfg, mcfg, device, world)
     eval_model = learner.ema if learner.ema is not None else learner.model
 
-    start, step, best_acc, history, run_id = 0, 0, 0.0, [], None
+    run = RunState.from_checkpoint(ckpt)
     run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     if ckpt:
         learner.load_state_dict(ckpt)
-        start, step, best_acc, history, run_id = (ckpt[k] for k in ("epoch", "step", "best_acc", "history",
-                                                                     "wandb_run_id"))
         set_rng_state(ckpt["rng_states"][rank])
         run_dir = resolve_checkpoint_path(args.resume).parent
     run_dir.mkdir(parents=True, exist_ok=True)
-    budget = TimeBudget(cfg, len(batches), elapsed_s=history[-1]["elapsed_min"] * 60 if history else 0.0,
+    budget = TimeBudget(cfg, len(batches), elapsed_s=run.history[-1]["elapsed_min"] * 60 if run.history else 0.0,
                         warmup_end_s=(ckpt or {}).get("time_budget", {}).get("warmup_end_s"))
+    wb = SafeWandb(cfg if is_main else None, run_dir, run.wandb_run_id)
+    run.wandb_run_id = wb.id
     n_params = sum(p.numel() for p in learner.model.parameters())
-    wb = SafeWandb(cfg if is_main else None, run_dir, run_id)
     if is_main:
-        print(f"{'resuming' if ckpt else 'starting'} run {run_dir} on {device} x{world}, after {start} epochs\n"
+        print(f"{'resuming' if ckpt else 'starting'} run {run_dir} on {device} x{world}, after {run.epoch} epochs\n"
               f"{json.dumps(dataclasses.asdict(cfg))}\nmodel: {n_params:,} parameters, {mcfg.num_tokens} tokens, "
               f"{len(batches)} steps/epoch, {len(train_x)} train / {evals.size} {evals.name}"
               + (f" ({evals.subset} between epochs)" if evals.subset else ""))
 
-    def checkpoint(epochs_done: int) -> dict[str, Any]:
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        return {"config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(), **learner.state_dict(),
-                "epoch": epochs_done, "step": step, "best_acc": best_acc, "history": history, "rng_states": rngs,
-                "time_budget": budget.state_dict(), "wandb_run_id": wb.id, "classes": list(data.classes),
-                "normalize": {"mean": list(mean), "std": list(std)}}
-
     stop = StopFlag()
     last_epoch = min(cfg.epochs, cfg.stop_at_epoch or cfg.epochs)
     if budget.budget_s and budget.read() >= budget.budget_s:
-        last_epoch = start  # a resumed run whose time is spent: nothing left to do
-    epoch = start
+        last_epoch = run.epoch  # a resumed run whose time is spent: nothing left to do
     try:
-        for epoch in range(start, last_epoch):
-            learner.model.patch_drop_rate = 0.0 if budget.full_tokens(epoch, history) else cfg.patch_drop
-            rec, step = train_epoch(learner, batches, epoch, step, budget, stop, wb.log, is_main)
+        for epoch in range(run.epoch, last_epoch):
+            learner.model.patch_drop_rate = 0.0 if budget.full_tokens(epoch, run.history) else cfg.patch_drop
+            rec, run.step = train_epoch(learner, batches, epoch, run.step, budget, stop, wb.log, is_main)
             final = epoch + 1 == cfg.epochs or budget.spent  # the last epoch is evaluated on all images
             if final or (epoch + 1) % cfg.eval_every == 0:
                 sub = bool(evals.subset) and not final
@@ -668,13 +680,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                mean, std, cfg.eval_batch_size, learner.amp_ctx)
                 rec.update(eval_loss=res["loss"], eval_acc=res["acc"], eval_images=evals.subset if sub else evals.size)
             rec["elapsed_min"] = budget.read() / 60
-            history.append(rec)
+            run.history.append(rec)
+            run.epoch = epoch + 1
+            is_best = rec.get("eval_images") == evals.size and rec["eval_acc"] > run.best_acc
+            run.best_acc = rec["eval_acc"] if is_best else run.best_acc
+            state = {"config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(), **learner.state_dict(),
+                     **dataclasses.asdict(run), "rng_states": gather_rng_states(world),
+                     "time_budget": budget.state_dict(), "classes": list(data.classes),
+                     "normalize": {"mean": list(mean), "std": list(std)}}
             if is_main:
                 log_epoch(rec, evals, budget, cfg, wb)
-            is_best = rec.get("eval_images") == evals.size and rec["eval_acc"] > best_acc
-            best_acc = rec["eval_acc"] if is_best else best_acc
-            state = checkpoint(epoch + 1)
-            if is_main:
                 atomic_save(state, run_dir / "last.pt")
                 if is_best:
                     atomic_save(state, run_dir / "best.pt")
@@ -682,17 +697,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 break
     except KeyboardInterrupt:
         if is_main:
-            print(f"interrupted in epoch {epoch + 1}; {run_dir / 'last.pt'} holds every finished epoch, "
-                  f"continue with: python train_cifar10.py --resume {run_dir / 'last.pt'}", file=sys.stderr)
+            print(f"interrupted; {run_dir / 'last.pt'} holds the {run.epoch} finished epochs, continue with: "
+                  f"python train_cifar10.py --resume {run_dir / 'last.pt'}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         stop.restore()
         wb.finish()
-    if is_main and history:
-        save_curve_png(history, run_dir / "accuracy_curve.png",
-                       f"{cfg.model}, {n_params / 1e6:.2f}M params: best {evals.name} {100 * best_acc:.2f}%")
-        print(f"done: best {evals.name} accuracy {100 * best_acc:.2f}%, checkpoints in {run_dir}")
-    return {"best_acc": best_acc, "history": history, "run_dir": str(run_dir)}
+    if is_main and run.history:
+        save_curve_png(run.history, run_dir / "accuracy_curve.png",
+                       f"{cfg.model}, {n_params / 1e6:.2f}M params: best {evals.name} {100 * run.best_acc:.2f}%")
+        print(f"done: best {evals.name} accuracy {100 * run.best_acc:.2f}%, checkpoints in {run_dir}")
+    return {"best_acc": run.best_acc, "history": run.history, "run_dir": str(run_dir)}
 
 
 def main(argv: list[str] | None = None) -> None:
