@@ -13,8 +13,9 @@ import math
 import pickle
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,17 +78,38 @@ def _load_batches_py(folder: Path) -> ImageData:
     return ImageData(train_x, train_y, test_x, test_y, CIFAR10_CLASSES)
 
 
+def _to_rgb(im: Any, path: str | Path) -> Any:
+    """A PIL image as 8-bit RGB. PIL's own convert clips 16-bit and 32-bit grey images at 255, so
+    these are scaled by their real range first (16-bit: 0-65535; float: 0-1 or 0-255)."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if im.mode.startswith("I;16"):
+            top = 65535.0
+        elif im.mode == "F" and hi <= 1.0:
+            top = 1.0
+        else:
+            top = 255.0 if hi <= 255 else 65535.0 if hi <= 65535 else 0.0
+        if lo < 0 or not top:
+            raise ValueError(f"cannot read image {path}: its {im.mode} values span [{lo:g}, {hi:g}], "
+                             f"not 8-bit, 16-bit or [0, 1] intensities")
+        im = Image.fromarray(np.round(a * (255.0 / top)).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def read_image(path: str | Path, size: int | None = None) -> Tensor:
     """One image file as uint8 (3, H, W), RGB, resized to size x size if given."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = _to_rgb(im, path)
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BICUBIC)
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (3, H, W)
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
@@ -95,6 +117,9 @@ def _load_split(folder: Path, classes: tuple[str, ...], size: int) -> tuple[Tens
     files, labels = [], []
     for label, name in enumerate(classes):
         found = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if not found:
+            raise DataNotFoundError(f"class folder {folder / name} holds no images ({', '.join(IMAGE_EXTS)}); "
+                                    f"every class needs images in train/ and test/")
         files += found
         labels += [label] * len(found)
     with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decodes without the GIL
@@ -105,6 +130,8 @@ def _load_split(folder: Path, classes: tuple[str, ...], size: int) -> tuple[Tens
 def _load_image_folder(root: Path, size: int, with_train: bool = True) -> ImageData:
     classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
     test_classes = tuple(sorted(p.name for p in (root / "test").iterdir() if p.is_dir()))
+    if not classes:
+        raise DataNotFoundError(f"{root / 'train'} has no class folders: expected train/<class>/*.jpg")
     if classes != test_classes:
         raise DataNotFoundError(f"train/ and test/ under {root} hold different classes: "
                                 f"{classes} vs {test_classes}")
@@ -117,6 +144,19 @@ def _load_image_folder(root: Path, size: int, with_train: bool = True) -> ImageD
         return ImageData(train_x, train_y, test_x, test_y, classes)
     mean, std = channel_stats(train_x if len(train_x) else test_x)  # not CIFAR-10: its own statistics
     return ImageData(train_x, train_y, test_x, test_y, classes, mean, std)
+
+
+def match_classes(data: ImageData, classes: list[str] | tuple[str, ...]) -> ImageData:
+    """Relabel the data so that label i means classes[i] (the class list a checkpoint was trained
+    with), matching classes by name; data with other class names is refused."""
+    classes = tuple(classes)
+    if classes == data.classes:
+        return data
+    if sorted(classes) != sorted(data.classes):
+        raise DataNotFoundError(f"the data's classes {list(data.classes)} are not the ones the checkpoint was "
+                                f"trained on {list(classes)}")
+    lookup = torch.tensor([classes.index(name) for name in data.classes])  # data label -> checkpoint label
+    return replace(data, train_y=lookup[data.train_y], test_y=lookup[data.test_y], classes=classes)
 
 
 def load_dataset(data_dir: str | Path, download: bool = True, img_size: int = 32,

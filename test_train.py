@@ -29,6 +29,7 @@ from data import (
     random_crop_flip,
     random_erasing,
 )
+from vit_model import vit_cifar
 
 HERE = Path(__file__).resolve().parent
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -569,3 +570,74 @@ def test_figures_import_nothing_from_the_trainer():
     code = "import sys, visualize_attention; print('train_cifar10' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_muon_takes_the_blocks_matrices_and_resumes_exactly(batches_dir, tmp_path):
+    cfg = tc.TrainConfig(optimizer="muon", muon_lr=2e-3)
+    model = vit_cifar("vit_cifar_tiny")
+    (adamw, a_scale), (muon, m_scale) = tc.build_optimizers(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+    assert len(in_muon) == 4 * 6 and (a_scale, m_scale) == (1.0, 2.0)
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_adamw == set(names.values()) - in_muon  # everything else, once
+    common = [*FAST, "--epochs", "2", "--data-dir", str(batches_dir), "--out-dir", str(tmp_path),
+              "--optimizer", "muon", "--muon-lr", "2e-3"]
+    run_main([*common, "--run-name", "straight"])
+    run_main([*common, "--run-name", "split", "--stop-at-epoch", "1"])
+    run_main(["--resume", str(tmp_path / "split" / "last.pt")])
+    a, b = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "split" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    first = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert len(first["optimizer"]) == 2 and "momentum_buffer" in str(first["optimizer"][1]["state"][0].keys())
+
+
+def test_flip_averaging_evaluates_both_views():
+    torch.manual_seed(0)
+    model = vit_cifar("vit_cifar_tiny", num_classes=3, embed_dim=16, num_heads=2, depth=1)
+    torch.nn.init.normal_(model.head.weight)
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 3, (40,))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    with torch.no_grad():
+        xn = (x.float() / 255 - 0.5) / 0.25
+        logits = (model.eval()(xn) + model(xn.flip(-1))) / 2
+    res = tc.evaluate(model, x, y, mean, std, 16, tta_flip=True)
+    assert res["acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert res["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+def test_linear_decay_reaches_min_lr_in_a_straight_line():
+    assert [tc.lr_at(10, p, 4, 1e-3, 0.0, "linear") for p in (0.0, 0.25, 1.0)] == pytest.approx([1e-3, 7.5e-4, 0.0])
+
+
+def test_the_cpu_preset_ends_within_its_hour_on_a_slow_machine():
+    # A slow 2-core machine: 400 img/s with patch dropout (0.32 s a step), 2.5x slower without it;
+    # the clock read every --log-every steps, as train_epoch does. The budget (57 min) leaves 3
+    # minutes of the hour for start-up and the final evaluation on all images.
+    cfg = tc.TrainConfig(**tc.PRESETS["cpu"])
+    t_drop = cfg.batch_size / 400
+    t_full = t_drop / (1 - cfg.patch_drop)
+    clock = FakeClock()
+    steps_per_epoch = 50_000 // cfg.batch_size
+    budget = tc.TimeBudget(cfg, steps_per_epoch, clock=clock)
+    step, epoch, history = 0, 0, []
+    while not budget.spent and epoch < cfg.epochs:
+        full = budget.full_tokens(epoch, history)
+        t0 = clock.t
+        for i in range(steps_per_epoch):
+            lr = tc.lr_at(step, budget.progress(step), budget.warmup_steps, cfg.lr, cfg.min_lr)
+            clock.t += t_full if full else t_drop
+            step += 1
+            if (i + 1) % cfg.log_every == 0:
+                budget.read()
+                if budget.spent:
+                    break
+        history.append({"epoch_time": clock.t - t0, "patch_drop": 0.0 if full else cfg.patch_drop})
+        epoch += 1
+    elapsed_min = budget.read() / 60
+    assert budget.spent and 57.0 <= elapsed_min <= 57.0 + cfg.log_every * t_full / 60 + 1e-9
+    assert history[-1]["patch_drop"] == 0.0 and history[0]["patch_drop"] == cfg.patch_drop
+    assert lr < 0.02 * cfg.lr  # the last step ran close to min_lr
+    assert tc.lr_at(step, budget.progress(step), budget.warmup_steps, cfg.lr, cfg.min_lr) == pytest.approx(cfg.min_lr)

@@ -121,15 +121,18 @@ def test_end_to_end_writes_all_five_figures(tiny_checkpoint, tmp_path):
 
 def test_bad_input_gets_clear_errors(tiny_checkpoint, tmp_path):
     path, images = tiny_checkpoint
+
+    def figures(*argv: str) -> dict:
+        return va.make_figures(va.parse_args(list(argv)))
+
     with pytest.raises(FileNotFoundError, match="no checkpoint found.*train_cifar10.py"):
-        va.main(["--checkpoint-dir", str(tmp_path / "empty"), "--images", *images])
+        figures("--checkpoint-dir", str(tmp_path / "empty"), "--images", *images)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
-        va.main(["--checkpoint", str(path), "--images", str(bad), "--out-dir", str(tmp_path / "o")])
+        figures("--checkpoint", str(path), "--images", str(bad), "--out-dir", str(tmp_path / "o"))
     with pytest.raises(ValueError, match=r"--layers \[7\] out of range: this model has layers 1..3"):
-        va.main(["--checkpoint", str(path), "--images", *images, "--layers", "7",
-                 "--out-dir", str(tmp_path / "o")])
+        figures("--checkpoint", str(path), "--images", *images, "--layers", "7", "--out-dir", str(tmp_path / "o"))
     with pytest.raises(ValueError, match="head_fusion"):
         va.attention_rollout([torch.ones(1, 1, 2, 2)], "median")
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from checkpoint import atomic_save, input_normalization, load_checkpoint, model_from_checkpoint, resolve_checkpoint_path
-from data import Augment, DataNotFoundError, ImageData, TrainBatches, load_dataset, normalize
+from data import Augment, DataNotFoundError, ImageData, TrainBatches, load_dataset, match_classes, normalize
 from plots import save_confusion_png, save_curve_png
 from vit_model import CIFAR_PRESETS, VisionTransformer, ViTConfig, load_state_dict_checked, model_config
 
@@ -76,8 +76,14 @@ class TrainConfig:
                                  "the run stops when it is spent; resuming such a run is not bit-exact; with "
                                  "--resume, a new value re-plans the decay to end at the new budget (0: off)")
     batch_size: int = _f(128, "global batch size (split across DDP processes)")
+    optimizer: str = _f("adamw", "'adamw', or 'muon': Muon for the 2D weight matrices of the blocks (qkv, proj, "
+                                 "fc1, fc2) and AdamW for the rest (embeddings, norms, biases, head)")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
-    min_lr: float = _f(1e-5, "learning rate at the end of the cosine decay")
+    muon_lr: float = _f(0.0, "peak learning rate of Muon, with its update scaled to AdamW's RMS "
+                             "(adjust_lr_fn='match_rms_adamw'); it follows the same schedule (0: --lr)")
+    muon_momentum: float = _f(0.95, "Muon momentum (Nesterov)")
+    min_lr: float = _f(1e-5, "learning rate at the end of the decay")
+    decay: str = _f("cosine", "shape of the decay after the warmup: 'cosine' or 'linear' (to min_lr)")
     warmup_epochs: float = _f(2.0, "linear warmup length in epochs (per-step schedule)")
     weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, pos_embed, cls_token)")
     beta2: float = _f(0.999, "AdamW beta2")
@@ -102,6 +108,8 @@ class TrainConfig:
     eval_subset: int = _f(0, "evaluate on N evenly spaced evaluation images between epochs and on all of "
                              "them after the last epoch; only full evaluations choose best.pt (0: all)")
     eval_batch_size: int = _f(1000, "evaluation batch size")
+    tta_flip: bool = _f(False, "evaluate on each image and its mirror image, averaging the logits (test-time "
+                               "augmentation; twice the evaluation cost)")
     out_dir: str = _f("checkpoints", "checkpoints go to OUT_DIR/RUN_NAME/{last,best}.pt")
     run_name: str = _f("", "run folder name (default: MODEL-TIMESTAMP)")
     wandb: str = _f("offline", "Weights & Biases mode: 'offline', 'online' or 'off'")
@@ -134,6 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pt (or run folder)")
     p.add_argument("--eval-only", metavar="CKPT", help="evaluate a checkpoint: accuracy, per-class "
                                                        "accuracy and a confusion-matrix PNG")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (or set VIT_DEBUG=1)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default})"
@@ -146,9 +155,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace, ckpt: dict[str, Any] | None = None) -> TrainConfig:
-    """defaults < preset < flags; when resuming, the saved config replaces defaults and preset, and
-    a flag that changes the model is an error. The result is validated the same way in every mode."""
+def resolve_config(args: argparse.Namespace, ckpt: dict[str, Any] | None = None, check_model: bool = True
+                   ) -> TrainConfig:
+    """defaults < preset < flags; with a checkpoint, its saved config replaces defaults and preset,
+    and (check_model) a flag that changes the model is an error. The result is validated the same
+    way in every mode."""
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     if ckpt is None:
         cfg = TrainConfig(**{**(PRESETS[args.preset] if args.preset else {}), **given})
@@ -156,8 +167,12 @@ def resolve_config(args: argparse.Namespace, ckpt: dict[str, Any] | None = None)
         return cfg
     if args.preset:
         raise ValueError("--preset cannot be combined with --resume or --eval-only: the run keeps its own settings")
-    cfg = TrainConfig(**{**ckpt["config"], "stop_at_epoch": 0, **given})  # a stop applies to one run only
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved_cfg = {k: v for k, v in ckpt.get("config", {}).items() if k in known}
+    cfg = TrainConfig(**{**saved_cfg, "stop_at_epoch": 0, **given})  # a stop applies to one run only
     validate(cfg)
+    if not check_model:
+        return cfg
     saved = ckpt["model_config"]
     new = vit_config(cfg, saved["num_classes"]).to_dict()
     changed = {k: (v, new.get(k)) for k, v in saved.items() if new.get(k) != v}
@@ -169,8 +184,9 @@ def resolve_config(args: argparse.Namespace, ckpt: dict[str, Any] | None = None)
 
 def validate(cfg: TrainConfig) -> None:
     """Every setting in its range, or a ValueError naming the flag, the rule and the value."""
-    choices = {"model": CIFAR_PRESETS, "wandb": ("offline", "online", "off"),
-               "device": ("auto", "cpu", "cuda"), "amp": ("auto", "bf16", "fp16", "off")}
+    choices = {"model": CIFAR_PRESETS, "optimizer": ("adamw", "muon"), "decay": ("cosine", "linear"),
+               "wandb": ("offline", "online", "off"), "device": ("auto", "cpu", "cuda"),
+               "amp": ("auto", "bf16", "fp16", "off")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(cfg, name)!r}")
@@ -180,7 +196,8 @@ def validate(cfg: TrainConfig) -> None:
         *((n, lambda v: v is None or v >= 1, "at least 1") for n in at_least_1),
         *((n, lambda v: v >= 0, "0 or more") for n in (
             "warmup_epochs", "weight_decay", "clip_grad", "crop_pad", "randaug_n", "mixup", "cutmix",
-            "val_split", "eval_subset", "full_token_epochs", "threads", "stop_at_epoch", "min_lr")),
+            "val_split", "eval_subset", "full_token_epochs", "threads", "stop_at_epoch", "min_lr", "muon_lr")),
+        ("muon_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
         ("lr", lambda v: v > 0, "positive"),
         ("mlp_ratio", lambda v: v is None or v > 0, "positive"),
         ("time_budget", lambda v: v >= 0, "0 (off) or a positive number of minutes"),
@@ -209,14 +226,15 @@ def vit_config(cfg: TrainConfig, num_classes: int) -> ViTConfig:
 # The schedule: learning rate per step, and the rules of a time budget
 # --------------------------------------------------------------------------------------------
 
-def lr_at(step: int, progress: float, warmup_steps: int, lr: float, min_lr: float) -> float:
+def lr_at(step: int, progress: float, warmup_steps: int, lr: float, min_lr: float, decay: str = "cosine"
+          ) -> float:
     """The learning rate of a step (nanoGPT's get_lr): linear warmup over the first warmup_steps
-    steps, then cosine decay from lr to min_lr as progress, the fraction of the decay done (by steps
-    or by time, see TimeBudget.progress), goes from 0 to 1."""
+    steps, then a cosine (or linear) decay from lr to min_lr as progress, the fraction of the decay
+    done (by steps or by time, see TimeBudget.progress), goes from 0 to 1."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     t = min(max(progress, 0.0), 1.0)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return min_lr + (lr - min_lr) * (1.0 - t if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 class TimeBudget:
@@ -260,7 +278,7 @@ class TimeBudget:
         return self.budget_s > 0 and self.elapsed_s >= self.budget_s
 
     def progress(self, step: int) -> float:
-        """Fraction of the cosine decay done at this step (0 during the warmup)."""
+        """Fraction of the decay done at this step (0 during the warmup)."""
         if step < self.warmup_steps:
             return 0.0
         if not self.budget_s:
@@ -289,13 +307,29 @@ class TimeBudget:
 # One training step, one epoch, evaluation
 # --------------------------------------------------------------------------------------------
 
-def param_groups(model: VisionTransformer, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, LayerNorm weights, pos_embed and cls_token."""
-    skip = model.no_weight_decay()
+def param_groups(named: list[tuple[str, nn.Parameter]], skip: set[str], weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, LayerNorm weights and the names in skip (pos_embed, cls_token)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in named:
         (no_decay if p.ndim < 2 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizers(model: VisionTransformer, cfg: TrainConfig) -> list[tuple[torch.optim.Optimizer, float]]:
+    """The optimisers, each with its peak learning rate relative to --lr: AdamW for everything, or
+    Muon for the blocks' 2D weight matrices and AdamW for the rest."""
+    named = list(model.named_parameters())
+    muon = [p for n, p in named if cfg.optimizer == "muon" and n.startswith("blocks.") and p.ndim == 2]
+    in_muon = {id(p) for p in muon}
+    rest = [(n, p) for n, p in named if id(p) not in in_muon]
+    adamw = torch.optim.AdamW(param_groups(rest, model.no_weight_decay(), cfg.weight_decay), lr=cfg.lr,
+                              betas=(0.9, cfg.beta2), fused=True)
+    if not muon:
+        return [(adamw, 1.0)]
+    muon_lr = cfg.muon_lr or cfg.lr
+    return [(adamw, 1.0), (torch.optim.Muon(muon, lr=muon_lr, weight_decay=cfg.weight_decay,
+                                            momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw"),
+                           muon_lr / cfg.lr)]
 
 
 @dataclass
@@ -306,7 +340,7 @@ class Learner:
     model: VisionTransformer
     forward: nn.Module
     ema: VisionTransformer | None
-    optimizer: torch.optim.Optimizer
+    optimizers: list[tuple[torch.optim.Optimizer, float]]  # each with its learning rate relative to --lr
     scaler: torch.amp.GradScaler
     amp_ctx: Any
     cfg: TrainConfig
@@ -315,30 +349,32 @@ class Learner:
     def build(cls, cfg: TrainConfig, mcfg: ViTConfig, device: torch.device, world: int) -> Learner:
         model = VisionTransformer(mcfg).to(device)
         ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                      betas=(0.9, cfg.beta2), fused=True)
+        optimizers = build_optimizers(model, cfg)
         amp_ctx, amp_dtype = amp_context(cfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         forward = torch.compile(model) if cfg.compile else model
         if world > 1:
             forward = nn.parallel.DistributedDataParallel(
                 forward, device_ids=[device.index] if device.type == "cuda" else None)
-        return cls(model, forward, ema, optimizer, scaler, amp_ctx, cfg)
+        return cls(model, forward, ema, optimizers, scaler, amp_ctx, cfg)
 
     def step(self, x: Tensor, target: Tensor, lr: float) -> tuple[Tensor, Tensor]:
         """One optimiser step on a batch (B, C, H, W) with soft targets (B, K); returns the loss
         and the logits (B, K), both detached."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for opt, scale in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
         with self.amp_ctx:
             logits = self.forward(x)  # (B, K)
         loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
+            for opt, _ in self.optimizers:
+                self.scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-        self.scaler.step(self.optimizer)
+        for opt, _ in self.optimizers:
+            self.scaler.step(opt)
         self.scaler.update()
         if self.ema is not None:
             with torch.no_grad():
@@ -347,13 +383,15 @@ class Learner:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+                "optimizer": [opt.state_dict() for opt, _ in self.optimizers], "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         load_state_dict_checked(self.model, ckpt["model"])
         if self.ema is not None:
             load_state_dict_checked(self.ema, ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        saved = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]
+        for (opt, _), state in zip(self.optimizers, saved, strict=True):
+            opt.load_state_dict(state)
         self.scaler.load_state_dict(ckpt["scaler"])
 
 
@@ -375,7 +413,7 @@ def train_epoch(learner: Learner, batches: TrainBatches, epoch: int, step: int, 
         t0 = time.perf_counter()
         t_data += t0 - t_ready
         loss, logits = learner.step(x, target, lr_at(step, budget.progress(step), budget.warmup_steps, cfg.lr,
-                                                      cfg.min_lr))
+                                                      cfg.min_lr, cfg.decay))
         step += 1
         loss_sum += loss
         correct += (logits.argmax(1) == target.argmax(1)).sum()
@@ -390,7 +428,7 @@ def train_epoch(learner: Learner, batches: TrainBatches, epoch: int, step: int, 
                                          f"without saving. Try a lower --lr or --clip-grad.")
             ips = (i + 1) * cfg.batch_size / (time.perf_counter() - t_epoch)
             acc = correct.item() / ((i + 1) * len(x))
-            lr = learner.optimizer.param_groups[0]["lr"]
+            lr = learner.optimizers[0][0].param_groups[0]["lr"]
             bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100 * acc:.1f}%", lr=f"{lr:.2e}", img_s=f"{ips:.0f}",
                             refresh=False)
             log({"train/loss": mean_loss, "train/acc": acc, "lr": lr, "images_per_sec": ips}, step)
@@ -403,16 +441,17 @@ def train_epoch(learner: Learner, batches: TrainBatches, epoch: int, step: int, 
     steps_done = i + 1  # fewer than len(batches) when the time budget ran out
     return {"epoch": epoch + 1, "step": step, "train_loss": loss_sum.item() / steps_done,
             "train_acc": correct.item() / (steps_done * len(x)),
-            "lr": lr_at(step, budget.progress(step), budget.warmup_steps, cfg.lr, cfg.min_lr),
+            "lr": lr_at(step, budget.progress(step), budget.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay),
             "epoch_time": epoch_time, "images_per_sec": steps_done * cfg.batch_size / epoch_time,
             "data_time_frac": t_data / max(t_data + t_step, 1e-9), "patch_drop": model.patch_drop_rate}, step
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, x_all: Tensor, y_all: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-             batch_size: int, amp_ctx: Any = None) -> dict[str, Any]:
+             batch_size: int, amp_ctx: Any = None, tta_flip: bool = False) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix (rows: true class) of uint8 images (N, C, H, W) with
-    labels (N,), summed over the DDP processes (each holds its own share)."""
+    labels (N,), summed over the DDP processes (each holds its own share). With tta_flip the logits
+    are the mean of the image's and its mirror image's."""
     model.eval()
     K = model.num_classes
     loss_sum = torch.zeros((), device=x_all.device)
@@ -420,7 +459,9 @@ def evaluate(model: nn.Module, x_all: Tensor, y_all: Tensor, mean: tuple[float, 
     for i in range(0, len(x_all), batch_size):
         x, y = normalize(x_all[i:i + batch_size], mean, std), y_all[i:i + batch_size]
         with amp_ctx or contextlib.nullcontext():
-            logits = model(x)  # (b, K)
+            logits = model(x).float()  # (b, K)
+            if tta_flip:
+                logits = (logits + model(x.flip(-1)).float()) / 2
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         confusion += torch.bincount(y * K + logits.argmax(1), minlength=K * K).view(K, K)
     if dist.is_initialized():
@@ -540,20 +581,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_data(cfg: TrainConfig, ckpt: dict[str, Any] | None, with_train: bool = True) -> ImageData:
+    """The data set of --data-dir; with a checkpoint, labelled by the checkpoint's class list (matched
+    by name), and refused if its classes are not the checkpoint's."""
+    data = load_dataset(cfg.data_dir, cfg.download, with_train=with_train)
+    if ckpt is None:
+        return data
+    if ckpt.get("classes"):
+        data = match_classes(data, ckpt["classes"])
+    if len(data.classes) != ckpt["model_config"]["num_classes"]:
+        raise DataNotFoundError(f"the data has {len(data.classes)} classes {list(data.classes)}, the checkpoint's "
+                                f"model {ckpt['model_config']['num_classes']}")
+    return data
+
+
 def run_eval_only(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(args.eval_only)
-    cfg = resolve_config(args, ckpt)
+    cfg = resolve_config(args, ckpt, check_model=False)
     device, _, _ = setup_device(cfg)
     model = model_from_checkpoint(ckpt).to(device)
-    data = load_dataset(cfg.data_dir, cfg.download, with_train=False)
+    data = load_data(cfg, ckpt, with_train=False)
     amp_ctx, _ = amp_context(cfg, device)
     res = evaluate(model, data.test_x.to(device), data.test_y.to(device), *input_normalization(ckpt),
-                   cfg.eval_batch_size, amp_ctx)
+                   cfg.eval_batch_size, amp_ctx, cfg.tta_flip)
     cm = res["confusion"]
     print(f"test accuracy {100 * res['acc']:.2f}%  loss {res['loss']:.4f}  ({cm.sum()} images)")
     for i, name in enumerate(data.classes):
         print(f"  {name:>12s}: {100 * cm[i, i] / max(cm[i].sum(), 1):.1f}%")
     png = resolve_checkpoint_path(args.eval_only).with_name("confusion_matrix.png")
+    check_writable(png.parent)
     save_confusion_png(cm, data.classes, png, f"test set, accuracy {100 * res['acc']:.2f}%")
     print(f"confusion matrix: {png}")
 
@@ -630,14 +686,47 @@ class RunState:
         return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)}) if ckpt else cls()
 
 
+def check_writable(folder: Path, files: tuple[str, ...] = ()) -> None:
+    """Create the folder and check that files can be written there (before the first step)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if (folder / name).is_dir():
+                raise IsADirectoryError(f"{folder / name} is a folder")
+        probe = folder / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to {folder}: {e}") from e
+
+
+def repair_best(run_dir: Path, ckpt: dict[str, Any]) -> None:
+    """last.pt is written before best.pt, so a crash between the two can leave last.pt recording a
+    new best epoch that best.pt does not hold; last.pt then holds that epoch's weights itself, and
+    best.pt is rebuilt from it."""
+    best = run_dir / "best.pt"
+    hist = ckpt["history"]
+    if not (hist and hist[-1].get("eval_acc") == ckpt["best_acc"] and ckpt["best_acc"] > 0):
+        return  # the last epoch was not the best: best.pt was not due to change
+    held = load_checkpoint(best)["best_acc"] if best.is_file() else None
+    if held != ckpt["best_acc"]:
+        atomic_save(ckpt, best)
+        print(f"repaired {best}: it now holds epoch {ckpt['epoch']} ({100 * ckpt['best_acc']:.2f}%), the best "
+              f"epoch recorded in last.pt (its write had been interrupted)", file=sys.stderr)
+
+
+RESUME_KEYS = ("config", "model_config", "model", "optimizer", "scaler", "epoch", "step", "best_acc", "history",
+               "rng_states")
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    ckpt = load_checkpoint(args.resume) if args.resume else None
+    ckpt = load_checkpoint(args.resume, required=RESUME_KEYS) if args.resume else None
     cfg = resolve_config(args, ckpt)
     device, rank, world = setup_device(cfg)
     torch.manual_seed(cfg.seed + rank)  # augmentation and dropout differ per process
     is_main = rank == 0
 
-    data = load_dataset(cfg.data_dir, cfg.download)
+    data = load_data(cfg, ckpt)
     mean, std = input_normalization(ckpt) if ckpt else (data.mean, data.std)  # preprocessing travels with weights
     train_x, train_y, evals = split_data(cfg, data, device, rank, world)
     augment = Augment(len(data.classes), mean, std, cfg.crop_pad, cfg.flip, cfg.randaug_n, cfg.randaug_m,
@@ -653,7 +742,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         learner.load_state_dict(ckpt)
         set_rng_state(ckpt["rng_states"][rank])
         run_dir = resolve_checkpoint_path(args.resume).parent
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        check_writable(run_dir, ("last.pt", "best.pt"))
+        if ckpt:
+            repair_best(run_dir, ckpt)
     budget = TimeBudget(cfg, len(batches), elapsed_s=run.history[-1]["elapsed_min"] * 60 if run.history else 0.0,
                         warmup_end_s=(ckpt or {}).get("time_budget", {}).get("warmup_end_s"))
     wb = SafeWandb(cfg if is_main else None, run_dir, run.wandb_run_id)
@@ -677,7 +769,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if final or (epoch + 1) % cfg.eval_every == 0:
                 sub = bool(evals.subset) and not final
                 res = evaluate(eval_model, evals.sub_x if sub else evals.x, evals.sub_y if sub else evals.y,
-                               mean, std, cfg.eval_batch_size, learner.amp_ctx)
+                               mean, std, cfg.eval_batch_size, learner.amp_ctx, cfg.tta_flip)
                 rec.update(eval_loss=res["loss"], eval_acc=res["acc"], eval_images=evals.subset if sub else evals.size)
             rec["elapsed_min"] = budget.read() / 60
             run.history.append(rec)
@@ -718,7 +810,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             train(args)
     except (ValueError, FileNotFoundError, DataNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.debug or os.environ.get("VIT_DEBUG"):
+            raise
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line; --debug for the traceback
         raise SystemExit(2) from None
     finally:
         if dist.is_initialized():

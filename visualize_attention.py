@@ -13,6 +13,7 @@ plain tensor functions, separate from the plotting below them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import Tensor
 from checkpoint import find_latest_checkpoint, input_normalization, load_checkpoint, model_from_checkpoint
 from data import CIFAR10_CLASSES, DataNotFoundError, load_dataset, normalize, read_image
 from plots import pyplot
-from vit_model import VisionTransformer, load_jax_npz, load_torchvision_pretrained
+from vit_model import DownloadError, VisionTransformer, load_jax_npz, load_torchvision_pretrained
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision weights
 GOOGLE_MEAN, GOOGLE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # Google .npz checkpoints: [-1, 1]
@@ -118,13 +119,14 @@ def patch_embedding_pcs(weight: Tensor, k: int = 28) -> tuple[Tensor, Tensor]:
 # Model and images
 # --------------------------------------------------------------------------------------------
 
-def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, str, tuple, tuple]:
-    """The model, a description of where it came from, and its input mean and std."""
+def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, str, tuple, tuple, list[str] | None]:
+    """The model, a description of where it came from, its input mean and std, and its class names
+    (None when unknown)."""
     if args.torchvision_weights:
         return (load_torchvision_pretrained(args.torchvision_weights),
-                f"torchvision {args.torchvision_weights} (ImageNet)", IMAGENET_MEAN, IMAGENET_STD)
+                f"torchvision {args.torchvision_weights} (ImageNet)", IMAGENET_MEAN, IMAGENET_STD, None)
     if args.npz:
-        return load_jax_npz(args.npz), f"Google {Path(args.npz).name}", GOOGLE_MEAN, GOOGLE_STD
+        return load_jax_npz(args.npz), f"Google {Path(args.npz).name}", GOOGLE_MEAN, GOOGLE_STD, None
     path = Path(args.checkpoint) if args.checkpoint else find_latest_checkpoint(args.checkpoint_dir)
     if path is None or not path.exists():
         raise FileNotFoundError(
@@ -132,7 +134,9 @@ def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, str, tuple,
             f"first, e.g. `python train_cifar10.py --preset cpu --data-dir DATA`, or pass "
             f"--checkpoint, --torchvision-weights vit_b_16 or --npz FILE")
     ckpt = load_checkpoint(path)
-    return model_from_checkpoint(ckpt), f"checkpoint {path}", *input_normalization(ckpt)
+    model = model_from_checkpoint(ckpt)
+    classes = ckpt.get("classes") or (list(CIFAR10_CLASSES) if model.num_classes == len(CIFAR10_CLASSES) else None)
+    return model, f"checkpoint {path}", *input_normalization(ckpt), classes
 
 
 def load_images(args: argparse.Namespace, size: int) -> tuple[Tensor, list[str]]:
@@ -313,31 +317,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wandb", default="off", choices=("off", "offline", "online"),
                    help="also log the figures to a W&B run")
     p.add_argument("--seed", type=int, default=0, help="which test images are drawn")
-    return p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (or set VIT_DEBUG=1)")
+    args = p.parse_args(argv)
+    for name in ("num_images", "show", "num_pcs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Path]:
-    args = parse_args(argv)
-    model, source, mean, std = load_model(args)
+def default_layers(depth: int) -> list[int]:
+    """First, middle and last layer (0-based), without repeats: fits every depth."""
+    return sorted({0, max(depth // 2 - 1, 0), depth - 1})
+
+
+def make_figures(args: argparse.Namespace) -> dict[str, Path]:
+    model, source, mean, std, class_names = load_model(args)
     model.eval()
     cfg = model.config
     grid, P, pre = cfg.grid_size, cfg.patch_size, model.num_prefix_tokens
-    layers = [l - 1 for l in args.layers] if args.layers else sorted({0, cfg.depth // 2 - 1, cfg.depth - 1})
+    layers = [l - 1 for l in args.layers] if args.layers else default_layers(cfg.depth)
     bad = [l + 1 for l in layers if not 0 <= l < cfg.depth]
     if bad:
         raise ValueError(f"--layers {bad} out of range: this model has layers 1..{cfg.depth}")
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder {out}: {e}") from e
     images, labels = load_images(args, cfg.img_size)
 
     t0 = time.perf_counter()
     attentions, preds = collect_attention(model, images, mean, std)
     dist = mean_attention_distance(attentions, grid, P, pre)
     t_dist = time.perf_counter() - t0
-    names = CIFAR10_CLASSES if cfg.num_classes == len(CIFAR10_CLASSES) else None
-    pred_names = [names[int(p)] if names else str(int(p)) for p in preds]
+    pred_names = [class_names[int(p)] if class_names else str(int(p)) for p in preds]
 
     files = {name: out / f"{name}.png" for name in (
         "fig7_embedding_filters", "fig7_position_similarity", "fig7_attention_distance",
@@ -372,9 +385,17 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     return files
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    """The command line: our errors become one line `error: ...` and exit code 2 (--debug: traceback)."""
     try:
-        main()
-    except (ValueError, FileNotFoundError, DataNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        args = parse_args(argv)
+        return make_figures(args)
+    except (ValueError, FileNotFoundError, DataNotFoundError, DownloadError) as e:
+        if "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("VIT_DEBUG"):
+            raise
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -49,6 +49,12 @@ class ViTConfig:
     representation_size: int | None = None  # pre-logits layer of the pre-training head (Sec. 3.1)
 
     def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.mlp_ratio > 0 or self.num_classes < 0:
+            raise ValueError(f"mlp_ratio must be positive and num_classes 0 or more, got {self.mlp_ratio} "
+                             f"and {self.num_classes}")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
         if self.pos_embed not in POS_EMBEDS:
@@ -374,14 +380,19 @@ class VisionTransformer(nn.Module):
         return self.forward_features(x, return_attention=True)[1]
 
     def set_image_size(self, img_size: int) -> None:
-        """Sec. 3.2: run at a new resolution; a learned position embedding is 2D-interpolated."""
+        """Sec. 3.2: run at a new resolution; a learned position embedding is 2D-interpolated.
+
+        The position embedding is resized in place: it stays the same Parameter object, so an
+        optimiser built before still trains it. Call it before the optimiser's first step (or build
+        the optimiser after it): moment estimates already kept for the old shape do not fit the new one.
+        """
         cfg = ViTConfig(**{**self.config.to_dict(), "img_size": img_size})  # validates divisibility
         self.patch_embed.img_size = img_size
         self.patch_embed.grid_size = cfg.grid_size
         self.patch_embed.num_patches = cfg.num_patches
         if isinstance(self.pos_embed, nn.Parameter):
-            new = resize_pos_embed(self.pos_embed.data, cfg.grid_size, self.num_prefix_tokens)
-            self.pos_embed = nn.Parameter(new)
+            self.pos_embed.data = resize_pos_embed(self.pos_embed.data, cfg.grid_size, self.num_prefix_tokens)
+            self.pos_embed.grad = None
         elif self.pos_embed is not None:
             self.pos_embed = self._sincos(cfg.grid_size).to(self.pos_embed)
         self.config = cfg
@@ -477,7 +488,13 @@ def load_state_dict_checked(model: VisionTransformer, state_dict: Mapping[str, T
     trained at 224 load into a model built for 384. With skip_head the classifier weights are not
     loaded and the model keeps its zero-initialised head (fine-tuning on new classes).
     """
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"expected a state dict (parameter name -> tensor), got {type(state_dict).__name__}")
     own = model.state_dict()
+    if ("cls_token" in state_dict) != ("cls_token" in own):  # Eq. 4 vs Appendix D.3
+        kinds = {True: "a [CLS] token (classifier='token')", False: "global average pooling (classifier='gap')"}
+        raise ValueError(f"the weights are of a model with {kinds['cls_token' in state_dict]}, this model uses "
+                         f"{kinds['cls_token' in own]}: build it with the weights' classifier")
     sd = {k: v for k, v in state_dict.items() if not (skip_head and k.startswith("head."))}
     expected = {k for k in own if not (skip_head and k.startswith("head."))}
     pe = sd.get("pos_embed")
@@ -587,13 +604,30 @@ def _config_from_state_dict(sd: Mapping[str, Tensor], **overrides: Any) -> ViTCo
 
 def load_jax_npz(path: str, **overrides: Any) -> VisionTransformer:
     """Build a model from a Google `.npz` checkpoint (github.com/google-research/vision_transformer)."""
+    import zipfile
+
     import numpy as np
 
-    with np.load(path) as npz:
-        sd = convert_jax_state_dict(dict(npz))
+    try:
+        npz = np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot read {path} as an .npz file: {e}") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single array, not an .npz archive of a ViT checkpoint")
+    with npz:
+        arrays = dict(npz)
+    try:
+        sd = convert_jax_state_dict(arrays)
+    except KeyError as e:
+        raise ValueError(f"{path} is not a Google ViT checkpoint: it has no array {e} "
+                         f"(found {sorted(arrays)[:5]}...)") from e
     model = VisionTransformer(_config_from_state_dict(sd, **overrides))
     load_state_dict_checked(model, sd, skip_head="head.weight" not in sd)
     return model
+
+
+class DownloadError(RuntimeError):
+    """Pretrained weights could not be downloaded (no network)."""
 
 
 def load_torchvision_pretrained(arch: str = "vit_b_16", weights: str = "IMAGENET1K_V1",
@@ -611,7 +645,7 @@ def load_torchvision_pretrained(arch: str = "vit_b_16", weights: str = "IMAGENET
     try:
         sd = w.get_state_dict(progress=progress)
     except OSError as e:  # URLError, socket errors, DNS failures are all OSErrors
-        raise RuntimeError(
+        raise DownloadError(
             f"could not download {arch} {weights} from {w.url}: {e}. This needs network access; "
             "offline, download the file elsewhere and use "
             "convert_torchvision_state_dict(torch.load(path)) with load_state_dict_checked()."

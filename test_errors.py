@@ -1,0 +1,363 @@
+"""Bad input and crashes: every entry point answers a mistake with one line `error: ...` and exit
+code 2 (never a traceback, never a changed checkpoint), and no crash leaves last.pt and best.pt
+disagreeing. Each case of the 'broken' list (wrong results or silent loss) has its own test."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from PIL import Image
+
+import train_cifar10 as tc
+import visualize_attention as va
+from data import DataNotFoundError, load_dataset, read_image
+from test_train import CLASSES, FAST, HERE, write_batches_py, write_image_folder
+from vit_model import (
+    VisionTransformer,
+    ViTConfig,
+    load_jax_npz,
+    load_state_dict_checked,
+    model_config,
+    vit_cifar,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Shared material: a small data set, one finished run, files of the wrong kind
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("errors")
+    w = {"data": write_batches_py(root / "cifar"), "root": root}
+    tc.main([*FAST, "--data-dir", str(w["data"]), "--out-dir", str(root / "runs"), "--run-name", "good"])
+    w["last"], w["best"] = root / "runs" / "good" / "last.pt", root / "runs" / "good" / "best.pt"
+    (root / "zero.pt").write_bytes(b"")
+    (root / "text.pt").write_text("this is not a checkpoint\n")
+    (root / "truncated.pt").write_bytes(w["last"].read_bytes()[:5000])
+    torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
+    torch.save(torch.zeros(3), root / "tensor.pt")
+    good = torch.load(w["last"], weights_only=True)
+    torch.save({"model_config": good["model_config"], "model": good["model"]}, root / "weights_only.pt")
+    two = ViTConfig(**{**good["model_config"], "num_classes": 2})
+    torch.save({"model_config": two.to_dict(), "model": VisionTransformer(two).state_dict(),
+                "classes": ["airplane", "automobile"]}, root / "two_classes.pt")
+    (root / "a_file").write_text("x")
+    (root / "runs" / "lastdir" / "last.pt").mkdir(parents=True)
+    shapes = root / "shapes"  # an ImageFolder set of two other classes
+    for split in ("train", "test"):
+        for k, name in enumerate(("circle", "square")):
+            (shapes / split / name).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((32, 32, 3), 60 * k + i, np.uint8)).save(shapes / split / name / f"{i}.png")
+    w["shapes"] = shapes
+    for name, broken in (("empty_train", "train/cat"), ("empty_test", "test/dog")):
+        tree = write_image_folder(root / name, 40, 20)
+        for f in (tree / broken).iterdir():
+            f.unlink()
+        w[name] = tree
+    all_empty = root / "all_empty"
+    for split in ("train", "test"):
+        for c in CLASSES:
+            (all_empty / split / c).mkdir(parents=True)
+    w["all_empty"] = all_empty
+    no_classes = root / "no_classes"
+    (no_classes / "train").mkdir(parents=True)
+    (no_classes / "test").mkdir()
+    w["no_classes"] = no_classes
+    bad_img = write_image_folder(root / "bad_img", 20, 10)
+    (bad_img / "train" / "cat" / "zz_broken.jpg").write_text("not an image")
+    w["bad_img"] = bad_img
+    img = root / "img.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(img)
+    w["img"] = img
+    np.savez(root / "other.npz", a=np.zeros(3))
+    np.save(root / "single.npy", np.zeros(3))
+    return w
+
+
+def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:
+    """Exit code and stderr of a command-line entry point, run in this process."""
+    capsys.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.pt")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The table: (entry point, arguments with {placeholders}, part of the message)
+# ---------------------------------------------------------------------------------------------
+
+TRAIN = [*FAST, "--data-dir", "{data}", "--out-dir", "{root}/runs", "--run-name", "new"]
+CASES = [
+    # training: numeric flags, choices, data and output paths
+    ("train", [*TRAIN, "--lr", "0"], "--lr must be positive"),
+    ("train", [*TRAIN, "--lr=-1e-3"], "--lr must be positive"),
+    ("train", [*TRAIN, "--lr", "nan"], "--lr must be positive"),
+    ("train", [*TRAIN, "--patch-size", "0"], "--patch-size must be at least 1"),
+    ("train", [*TRAIN, "--patch-size", "3"], "must be divisible by patch_size"),
+    ("train", [*TRAIN, "--batch-size", "0"], "--batch-size must be at least 1"),
+    ("train", [*TRAIN, "--batch-size", "-4"], "--batch-size must be at least 1"),
+    ("train", [*TRAIN, "--batch-size", "1000"], "larger than the 500 training images"),
+    ("train", [*TRAIN, "--eval-batch-size", "0"], "--eval-batch-size must be at least 1"),
+    ("train", [*TRAIN, "--num-heads", "0"], "--num-heads must be at least 1"),
+    ("train", [*TRAIN, "--num-heads", "3"], "must be divisible by num_heads"),
+    ("train", [*TRAIN, "--embed-dim", "0"], "--embed-dim must be at least 1"),
+    ("train", [*TRAIN, "--depth", "0"], "--depth must be at least 1"),
+    ("train", [*TRAIN, "--mlp-ratio", "0"], "--mlp-ratio must be positive"),
+    ("train", [*TRAIN, "--epochs", "0"], "--epochs must be at least 1"),
+    ("train", [*TRAIN, "--log-every", "0"], "--log-every must be at least 1"),
+    ("train", [*TRAIN, "--warmup-epochs", "-1"], "--warmup-epochs must be 0 or more"),
+    ("train", [*TRAIN, "--ema", "1"], "--ema must be in [0, 1)"),
+    ("train", [*TRAIN, "--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+    ("train", [*TRAIN, "--randaug-m", "31"], "--randaug-m must be in [0, 30]"),
+    ("train", [*TRAIN, "--dropout", "1"], "drop_rate must be in [0, 1)"),
+    ("train", [*TRAIN, "--patch-drop", "-0.1"], "patch_drop_rate must be in [0, 1)"),
+    ("train", [*TRAIN, "--time-budget", "-5"], "--time-budget must be 0 (off) or a positive number"),
+    ("train", [*TRAIN, "--val-split", "999999"], "--val-split must be in"),
+    ("train", [*TRAIN, "--eval-subset", "200"], "--eval-subset must be in [0, 200)"),
+    ("train", [*TRAIN, "--model", "vit_giant"], "--model must be one of"),
+    ("train", [*TRAIN, "--wandb", "maybe"], "--wandb must be one of"),
+    ("train", [*TRAIN, "--amp", "fp16", "--device", "cpu"], "--amp fp16 needs CUDA"),
+    ("train", [*TRAIN, "--data-dir", "{root}/nothing", "--no-download"], "no CIFAR-10 found"),
+    ("train", [*TRAIN, "--data-dir", "{empty_train}"], "train/cat holds no images"),
+    ("train", [*TRAIN, "--data-dir", "{empty_test}"], "test/dog holds no images"),
+    ("train", [*TRAIN, "--data-dir", "{all_empty}"], "holds no images"),
+    ("train", [*TRAIN, "--data-dir", "{no_classes}"], "has no class folders"),
+    ("train", [*TRAIN, "--data-dir", "{bad_img}"], "cannot read image ... zz_broken.jpg"),
+    ("train", [*TRAIN, "--out-dir", "{root}/a_file/runs"], "cannot write to"),
+    ("train", [*TRAIN, "--out-dir", "{root}", "--run-name", "a_file"], "cannot write to"),
+    ("train", [*TRAIN, "--run-name", "lastdir"], "last.pt is a folder"),
+    ("train", [*TRAIN, "--out-dir", "/proc/vit_runs"], "cannot write to /proc/vit_runs"),
+    # resume: the effective config is validated too, and the file must be one of ours
+    ("train", ["--resume", "{last}", "--epochs", "-5"], "--epochs must be at least 1"),
+    ("train", ["--resume", "{last}", "--epochs", "0"], "--epochs must be at least 1"),
+    ("train", ["--resume", "{last}", "--lr", "0"], "--lr must be positive"),
+    ("train", ["--resume", "{last}", "--batch-size", "0"], "--batch-size must be at least 1"),
+    ("train", ["--resume", "{last}", "--eval-batch-size", "-1"], "--eval-batch-size must be at least 1"),
+    ("train", ["--resume", "{last}", "--embed-dim", "64"], "another model config"),
+    ("train", ["--resume", "{last}", "--preset", "cpu"], "--preset cannot be combined"),
+    ("train", ["--resume", "{last}", "--data-dir", "{shapes}"], "not the ones the checkpoint was trained on"),
+    ("train", ["--resume", "{root}/zero.pt"], "cannot read checkpoint ... zero.pt"),
+    ("train", ["--resume", "{root}/truncated.pt"], "cannot read checkpoint ... truncated.pt"),
+    ("train", ["--resume", "{root}/text.pt"], "cannot read checkpoint ... text.pt"),
+    ("train", ["--resume", "{root}/foreign.pt"], "foreign.pt is not a checkpoint of train_cifar10.py"),
+    ("train", ["--resume", "{root}/tensor.pt"], "tensor.pt is not a checkpoint of train_cifar10.py"),
+    ("train", ["--resume", "{root}/weights_only.pt"], "no ['config', 'optimizer'"),
+    ("train", ["--resume", "{root}/missing.pt"], "no checkpoint at"),
+    # evaluation of a checkpoint
+    ("train", ["--eval-only", "{root}/zero.pt", "--data-dir", "{data}"], "cannot read checkpoint"),
+    ("train", ["--eval-only", "{root}/text.pt", "--data-dir", "{data}"], "cannot read checkpoint"),
+    ("train", ["--eval-only", "{root}/foreign.pt", "--data-dir", "{data}"], "is not a checkpoint"),
+    ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--eval-batch-size", "0"],
+     "--eval-batch-size must be at least 1"),
+    ("train", ["--eval-only", "{root}/two_classes.pt", "--data-dir", "{data}"], "not the ones the checkpoint"),
+    ("train", ["--eval-only", "{best}", "--data-dir", "{shapes}"], "not the ones the checkpoint"),
+    # figures
+    ("figures", ["--checkpoint-dir", "{root}/nothing", "--images", "{img}"], "no checkpoint found"),
+    ("figures", ["--checkpoint", "{root}/zero.pt", "--images", "{img}"], "cannot read checkpoint"),
+    ("figures", ["--checkpoint", "{root}/foreign.pt", "--images", "{img}"], "is not a checkpoint"),
+    ("figures", ["--checkpoint", "{best}", "--images", "{root}/text.pt"], "cannot read image"),
+    ("figures", ["--checkpoint", "{best}", "--images", "{root}/missing.jpg"], "cannot read image"),
+    ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--layers", "7"], "--layers [7] out of range"),
+    ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--num-images", "0"], "--num-images must be at least"),
+    ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--show", "0"], "--show must be at least 1"),
+    ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--out-dir", "{root}/a_file/figs"],
+     "cannot create the output folder"),
+    ("figures", ["--npz", "{root}/text.pt", "--images", "{img}"], "cannot read ... as an .npz file"),
+    ("figures", ["--npz", "{root}/other.npz", "--images", "{img}"], "is not a Google ViT checkpoint"),
+    ("figures", ["--npz", "{root}/single.npy", "--images", "{img}"], "is a single array"),
+]
+
+
+@pytest.mark.parametrize("entry, argv, message", CASES, ids=[f"{e}:{' '.join(a[-2:])}" for e, a, _ in CASES])
+def test_bad_input_is_one_clear_line(world, tmp_path, capsys, entry, argv, message):
+    argv = [a.format(**{k: str(v) for k, v in world.items()}) for a in argv]
+    if "--out-dir" not in argv and entry == "figures":
+        argv += ["--out-dir", str(tmp_path / "figs")]
+    before = fingerprint(world["root"])
+    code, err = run_cli(tc.main if entry == "train" else va.main, argv, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert re.search(".*".join(re.escape(part) for part in message.split(" ... ")), lines[0]), lines[0]
+    assert fingerprint(world["root"]) == before  # no checkpoint was written or changed
+
+
+def test_decompression_bombs_are_refused_by_name(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 400)  # the 40x40 image counts as a bomb
+    code, err = run_cli(va.main, ["--checkpoint", str(world["best"]), "--images", str(world["img"]),
+                                  "--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "img.png" in err and "decompression bomb" in err, err
+
+
+def test_no_network_for_pretrained_weights_is_one_line(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    def offline(self, *args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
+    code, err = run_cli(va.main, ["--torchvision-weights", "vit_b_16", "--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "could not download vit_b_16" in err, err
+
+
+def test_debug_shows_the_traceback(world, capsys):
+    with pytest.raises(ValueError, match="--lr must be positive"):
+        tc.main([*FAST, "--data-dir", str(world["data"]), "--lr", "0", "--debug"])
+
+
+MODEL_CASES = [
+    (lambda: ViTConfig(embed_dim=0), "embed_dim must be a positive integer"),
+    (lambda: ViTConfig(num_heads=0), "num_heads must be a positive integer"),
+    (lambda: ViTConfig(patch_size=0), "patch_size must be a positive integer"),
+    (lambda: ViTConfig(depth=-1), "depth must be a positive integer"),
+    (lambda: ViTConfig(mlp_ratio=0), "mlp_ratio must be positive"),
+    (lambda: ViTConfig(embed_dim=30, num_heads=4), "divisible by num_heads"),
+    (lambda: vit_cifar("vit_nope"), "unknown CIFAR preset"),
+    (lambda: model_config("vit_nope"), "unknown model"),
+    (lambda: load_state_dict_checked(vit_cifar("vit_cifar_tiny", classifier="gap"),
+                                     vit_cifar("vit_cifar_tiny").state_dict()),
+     r"weights are of a model with a \[CLS\] token .*this model uses global average pooling"),
+    (lambda: load_state_dict_checked(vit_cifar("vit_cifar_tiny"), [1, 2]), "expected a state dict"),
+    (lambda: vit_cifar("vit_cifar_tiny")(torch.zeros(1, 3, 24, 24)), "expected images of 32x32, got 24x24"),
+]
+
+
+@pytest.mark.parametrize("call, message", MODEL_CASES, ids=[m[:30] for _, m in MODEL_CASES])
+def test_model_api_errors_say_what_was_expected(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_npz_of_the_wrong_kind(world):
+    with pytest.raises(ValueError, match="is not a Google ViT checkpoint: it has no array"):
+        load_jax_npz(str(world["root"] / "other.npz"))
+    with pytest.raises(ValueError, match="cannot read .* as an .npz file"):
+        load_jax_npz(str(world["root"] / "text.pt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The broken cases: each one wrong or lost silently before
+# ---------------------------------------------------------------------------------------------
+
+def test_checkpoint_classes_are_matched_by_name(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "data", 600, 200)
+    tc.main([*FAST, "--epochs", "6", "--lr", "3e-3", "--warmup-epochs", "1", "--crop-pad", "0", "--no-flip",
+             "--patch-size", "8", "--data-dir", str(root), "--out-dir", str(tmp_path), "--run-name", "r"])
+    ckpt = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    # the same model with its classes listed in another order (head rows permuted to match)
+    order = list(range(10))[::-1]
+    for key in ("model", "ema"):
+        if ckpt[key] is not None:
+            ckpt[key]["head.weight"] = ckpt[key]["head.weight"][order]
+            ckpt[key]["head.bias"] = ckpt[key]["head.bias"][order]
+    ckpt["classes"] = [ckpt["classes"][i] for i in order]
+    torch.save(ckpt, tmp_path / "r" / "reordered.pt")
+    accs = []
+    for name in ("best.pt", "reordered.pt"):
+        capsys.readouterr()
+        tc.main(["--eval-only", str(tmp_path / "r" / name), "--data-dir", str(root)])
+        accs.append(capsys.readouterr().out.split("test accuracy ")[1].split("%")[0])
+    assert float(accs[0]) > 50 and accs[0] == accs[1], accs
+
+
+def test_empty_class_folders_are_named(tmp_path):
+    root = write_image_folder(tmp_path / "d", 40, 20)
+    for f in (root / "test" / "frog").iterdir():
+        f.unlink()
+    with pytest.raises(DataNotFoundError, match=r"class folder .*test/frog holds no images"):
+        load_dataset(root, download=False)
+
+
+def test_16_bit_images_keep_their_range(tmp_path):
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    x = read_image(tmp_path / "deep.png")
+    expected = torch.from_numpy(np.round(ramp / 65535 * 255).astype(np.uint8))
+    assert torch.equal(x[0], expected) and torch.equal(x[1], expected)
+    assert (x == 255).float().mean() < 0.01  # PIL's own convert("RGB") clips 99.6% of these pixels
+
+
+def test_a_depth_1_model_gets_figures_without_layer_flags(tmp_path):
+    cfg = ViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=16, depth=1, num_heads=2)
+    path = tmp_path / "ck" / "run" / "best.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model_config": cfg.to_dict(), "model": VisionTransformer(cfg).state_dict()}, path)
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    files = va.main(["--checkpoint", str(path), "--images", str(img), "--out-dir", str(tmp_path / "f")])
+    assert all(f.exists() for f in files.values())
+    assert va.default_layers(1) == [0] and va.default_layers(2) == [0, 1] and va.default_layers(6) == [0, 2, 5]
+
+
+def test_set_image_size_keeps_training_the_position_embedding():
+    torch.manual_seed(0)
+    model = vit_cifar("vit_cifar_tiny", img_size=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pos = model.pos_embed
+    model.set_image_size(48)  # after the optimiser was built: the same Parameter, resized in place
+    assert model.pos_embed is pos and pos.shape == (1, 1 + 12 * 12, 128)
+    before = pos.detach().clone()
+    model(torch.randn(2, 3, 48, 48)).sum().backward()
+    opt.step()
+    assert not torch.equal(pos.detach(), before)  # the optimiser still trains it
+
+
+def test_resume_validates_flags_like_a_new_run(world, capsys):
+    code, err = run_cli(tc.main, ["--resume", str(world["last"]), "--epochs", "-5"], capsys)
+    assert code == 2 and "--epochs must be at least 1, got -5" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash consistency: a kill at every write point leaves last.pt and best.pt in agreement
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("point", ["last.pt:tmp:2", "last.pt:done:2", "best.pt:tmp:2", "best.pt:done:2"])
+def test_a_crash_at_any_write_point_leaves_consistent_checkpoints(tmp_path, point):
+    data = write_batches_py(tmp_path / "data")
+    args = [*FAST, "--epochs", "3", "--lr", "3e-3", "--warmup-epochs", "0", "--crop-pad", "0", "--no-flip",
+            "--patch-size", "8", "--data-dir", str(data), "--out-dir", str(tmp_path), "--run-name", "run"]
+    env = {**os.environ, "VIT_CRASH_AT": point, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "train_cifar10.py", *args], cwd=HERE, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 99, proc.stdout + proc.stderr  # died at the write point, like kill -9
+    last, best = tmp_path / "run" / "last.pt", tmp_path / "run" / "best.pt"
+    tc.main(["--resume", str(last)])
+    a, b = (torch.load(p, weights_only=True) for p in (last, best))
+    full = [h for h in a["history"] if h.get("eval_images") == 200]
+    assert a["epoch"] == 3 and a["best_acc"] == b["best_acc"] == max(h["eval_acc"] for h in full)
+    assert b["history"][-1]["eval_acc"] == b["best_acc"]  # best.pt holds the model it reports
+    reference = torch.load(best, weights_only=True)
+    shutil.rmtree(tmp_path / "run")
+    tc.main(args)  # the same run without a crash
+    assert torch.load(best, weights_only=True)["best_acc"] == reference["best_acc"]
+
+
+def test_epoch_2_of_the_crash_run_is_a_new_best(tmp_path):
+    # the crash test above relies on a second save of best.pt, in epoch 2
+    data = write_batches_py(tmp_path / "data")
+    hist = tc.train(tc.parse_args([*FAST, "--epochs", "3", "--lr", "3e-3", "--warmup-epochs", "0", "--crop-pad", "0",
+                                   "--no-flip", "--patch-size", "8", "--data-dir", str(data), "--out-dir",
+                                   str(tmp_path), "--run-name", "r"]))["history"]
+    accs = [h["eval_acc"] for h in hist]
+    assert accs[1] > accs[0], accs
+
