@@ -641,3 +641,32 @@ def test_the_cpu_preset_ends_within_its_hour_on_a_slow_machine():
     assert history[-1]["patch_drop"] == 0.0 and history[0]["patch_drop"] == cfg.patch_drop
     assert lr < 0.02 * cfg.lr  # the last step ran close to min_lr
     assert tc.lr_at(step, budget.progress(step), budget.warmup_steps, cfg.lr, cfg.min_lr) == pytest.approx(cfg.min_lr)
+
+
+def test_progressive_resolution_trains_small_images_first(batches_dir, tmp_path):
+    stages = tc.resolution_stages("16:0.3,24:0.6")
+    cfg = tc.TrainConfig(res_schedule="16:0.3,24:0.6")
+    assert stages == [(16, 0.3), (24, 0.6)]
+    assert [tc.image_size_at(cfg, 32, p) for p in (0.0, 0.29, 0.3, 0.59, 0.6, 1.0)] == [16, 16, 24, 24, 32, 32]
+    hist = tc.train(tc.parse_args([*FAST, "--epochs", "4", "--warmup-epochs", "0", "--res-schedule", "16:0.5",
+                                   "--data-dir", str(batches_dir), "--out-dir", str(tmp_path), "--run-name", "pr"]))
+    assert [h.get("downscaled", 32) for h in hist["history"]] == [16, 16, 32, 32]  # progress 0, 1/4, 1/2, 3/4
+    ckpt = torch.load(tmp_path / "pr" / "last.pt", weights_only=True)
+    assert ckpt["model"]["pos_embed"].shape == (1, 65, 32)  # the 8x8 grid is kept, interpolated when smaller
+
+
+def test_dynamic_image_size_interpolates_the_position_embedding():
+    torch.manual_seed(0)
+    model = vit_cifar("vit_cifar_tiny", dynamic_img_size=True).eval()
+    torch.nn.init.normal_(model.pos_embed)
+    torch.nn.init.normal_(model.head.weight)
+    x = torch.randn(2, 3, 16, 16)
+    fixed = vit_cifar("vit_cifar_tiny").eval()  # the same weights, resized once (Sec. 3.2)
+    fixed.load_state_dict(model.state_dict())
+    fixed.set_image_size(16)
+    torch.testing.assert_close(model(x), fixed(x))
+    model.train()
+    model(x).sum().backward()
+    assert model.pos_embed.grad.abs().sum() > 0  # the interpolation is differentiable
+    with pytest.raises(ValueError, match="expected images of 32x32"):
+        vit_cifar("vit_cifar_tiny")(x)  # without dynamic_img_size the size is checked

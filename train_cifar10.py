@@ -68,6 +68,10 @@ class TrainConfig:
     patch_drop: float = _f(0.0, "fraction of patch tokens dropped in training (faster steps)")
     full_token_epochs: int = _f(0, "train the last N epochs without patch dropout (with --time-budget: "
                                    "the time they are expected to take)")
+    res_schedule: str = _f("", "progressive resolution, 'SIZE:UNTIL,...': train on images downscaled to SIZE x "
+                               "SIZE until the fraction UNTIL of the decay is done, then at full size, e.g. "
+                               "'16:0.3,24:0.6'; the position embedding is interpolated on the fly (Sec. 3.2) "
+                               "('': off)")
     # optimisation
     epochs: int = _f(30, "number of epochs (with --time-budget: the most epochs); with --resume, a new value "
                          "re-plans the cosine decay to end at the new last epoch")
@@ -211,7 +215,26 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float, type(None))) and math.isfinite(value or 0) and ok(value)):
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
-    vit_config(cfg, num_classes=10)  # the model settings fit together (e.g. D divisible by heads)
+    mcfg = vit_config(cfg, num_classes=10)  # the model settings fit together (e.g. D divisible by heads)
+    stages = resolution_stages(cfg.res_schedule)
+    sizes, untils = [s for s, _ in stages], [u for _, u in stages]
+    if stages and not (all(s % mcfg.patch_size == 0 and 0 < s < mcfg.img_size for s in sizes)
+                       and untils == sorted(untils) and 0 < untils[0] and untils[-1] <= 1):
+        raise ValueError(f"--res-schedule {cfg.res_schedule!r}: sizes must be multiples of the patch size "
+                         f"{mcfg.patch_size} below {mcfg.img_size}, and UNTIL fractions increasing in (0, 1]")
+
+
+def resolution_stages(text: str) -> list[tuple[int, float]]:
+    """'16:0.3,24:0.6' -> [(16, 0.3), (24, 0.6)]."""
+    try:
+        return [(int(size), float(until)) for size, until in (part.split(":") for part in text.split(",") if part)]
+    except ValueError as e:
+        raise ValueError(f"--res-schedule must look like '16:0.3,24:0.6' (SIZE:UNTIL,...), got {text!r}") from e
+
+
+def image_size_at(cfg: TrainConfig, full: int, progress: float) -> int:
+    """The training image size at this fraction of the decay (--res-schedule)."""
+    return next((size for size, until in resolution_stages(cfg.res_schedule) if progress < until), full)
 
 
 def vit_config(cfg: TrainConfig, num_classes: int) -> ViTConfig:
@@ -219,7 +242,8 @@ def vit_config(cfg: TrainConfig, num_classes: int) -> ViTConfig:
     return model_config(cfg.model, num_classes=num_classes, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                         depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                         classifier=cfg.classifier, pos_embed=cfg.pos_embed, drop_rate=cfg.dropout,
-                        drop_path_rate=cfg.drop_path, patch_drop_rate=cfg.patch_drop)
+                        drop_path_rate=cfg.drop_path, patch_drop_rate=cfg.patch_drop,
+                        dynamic_img_size=bool(cfg.res_schedule))
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,7 +317,8 @@ class TimeBudget:
             return epoch >= self.epochs - self.full_token_epochs
         if not (self.full_token_epochs and self.patch_drop):
             return False
-        dropped = [h["epoch_time"] for h in history if h.get("patch_drop", self.patch_drop) > 0]
+        dropped = [h["epoch_time"] for h in history  # full-size epochs with patch dropout
+                   if h.get("patch_drop", self.patch_drop) > 0 and not h.get("downscaled")]
         if not dropped:
             return False
         full_epoch_s = statistics.mean(dropped) / (1 - self.patch_drop)
@@ -401,6 +426,8 @@ def train_epoch(learner: Learner, batches: TrainBatches, epoch: int, step: int, 
     Loss and accuracy stay on the device and are read once per log interval."""
     cfg, model = learner.cfg, learner.model
     model.train()
+    full = model.config.img_size
+    size = image_size_at(cfg, full, budget.progress(step))  # progressive resolution: one size per epoch
     dev = batches.x.device
     loss_sum, correct = torch.zeros((), device=dev), torch.zeros((), device=dev)
     t_data = t_step = 0.0
@@ -410,6 +437,8 @@ def train_epoch(learner: Learner, batches: TrainBatches, epoch: int, step: int, 
     bar = tqdm(batches.epoch(epoch), total=len(batches), desc=desc, disable=not show, leave=False,
                mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     for i, (x, target) in enumerate(bar):
+        if size != full:  # (B, C, size, size); the model interpolates its position embedding
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         t0 = time.perf_counter()
         t_data += t0 - t_ready
         loss, logits = learner.step(x, target, lr_at(step, budget.progress(step), budget.warmup_steps, cfg.lr,
@@ -443,7 +472,8 @@ def train_epoch(learner: Learner, batches: TrainBatches, epoch: int, step: int, 
             "train_acc": correct.item() / (steps_done * len(x)),
             "lr": lr_at(step, budget.progress(step), budget.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay),
             "epoch_time": epoch_time, "images_per_sec": steps_done * cfg.batch_size / epoch_time,
-            "data_time_frac": t_data / max(t_data + t_step, 1e-9), "patch_drop": model.patch_drop_rate}, step
+            "data_time_frac": t_data / max(t_data + t_step, 1e-9), "patch_drop": model.patch_drop_rate,
+            **({"downscaled": size} if size != full else {})}, step
 
 
 @torch.inference_mode()
@@ -655,7 +685,7 @@ def split_data(cfg: TrainConfig, data: ImageData, device: torch.device, rank: in
 
 def epoch_line(rec: dict[str, Any], evals: EvalSet, budget: TimeBudget, epochs: int) -> str:
     line = f"epoch {rec['epoch']:3d}{'' if budget.budget_s else f'/{epochs}'}  loss {rec['train_loss']:.4f}  "
-    line += f"train {100 * rec['train_acc']:.2f}%  "
+    line += f"train {100 * rec['train_acc']:.2f}%" + (f" at {rec['downscaled']}px  " if "downscaled" in rec else "  ")
     if "eval_acc" in rec:
         line += f"{evals.name} {100 * rec['eval_acc']:.2f}% (loss {rec['eval_loss']:.4f}"
         line += f", {rec['eval_images']} images)  " if rec["eval_images"] < evals.size else ")  "

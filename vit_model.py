@@ -47,6 +47,7 @@ class ViTConfig:
     classifier: str = "token"  # "token": [CLS] (Eq. 4); "gap": global average pooling (Appendix D.3)
     pos_embed: str = "learned"  # "learned" | "sincos" (fixed 2D) | "none" (Appendix D.4)
     representation_size: int | None = None  # pre-logits layer of the pre-training head (Sec. 3.1)
+    dynamic_img_size: bool = False  # accept any square multiple of patch_size, pos_embed interpolated (Sec. 3.2)
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -96,7 +97,7 @@ class PatchEmbed(nn.Module):
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768) -> None:
+                 embed_dim: int = 768, dynamic_img_size: bool = False) -> None:
         super().__init__()
         if img_size % patch_size != 0:
             raise ValueError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
@@ -105,6 +106,7 @@ class PatchEmbed(nn.Module):
         self.in_chans = in_chans
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
+        self.dynamic_img_size = dynamic_img_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,7 +115,8 @@ class PatchEmbed(nn.Module):
         _, c, h, w = x.shape
         if c != self.in_chans:
             raise ValueError(f"expected {self.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
-        if h != self.img_size or w != self.img_size:
+        dynamic_ok = self.dynamic_img_size and h == w and h % self.patch_size == 0
+        if (h != self.img_size or w != self.img_size) and not dynamic_ok:
             hint = (f"; {h}x{w} is not divisible by patch size {self.patch_size}"
                     if h % self.patch_size or w % self.patch_size
                     else "; call model.set_image_size() to change resolution (Sec. 3.2)")
@@ -264,7 +267,7 @@ class VisionTransformer(nn.Module):
         self.num_classes = cfg.num_classes
         self.num_prefix_tokens = 1 if cfg.classifier == "token" else 0
 
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D, cfg.dynamic_img_size)
         # x_class (Eq. 1); absent for global average pooling (Appendix D.3)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.classifier == "token" else None
         if cfg.pos_embed == "learned":  # E_pos (Eq. 1)
@@ -335,11 +338,12 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: Tensor, return_attention: bool = False
                          ) -> tuple[Tensor, list[Tensor]]:
         """(B, C, H, W) -> normalised tokens (B, N, D) and the per-layer attention (if asked)."""
+        grid = x.shape[-1] // self.patch_embed.patch_size
         x = self.patch_embed(x)  # (B, N_p, D), Eq. 1
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N_p + 1, D)
         if self.pos_embed is not None:
-            x = x + self.pos_embed  # (B, N, D), Eq. 1
+            x = x + self._pos_embed_at(grid)  # (B, N, D), Eq. 1
         x = self.pos_drop(x)
         if self.training and self.patch_drop_rate > 0:
             x = self._patch_dropout(x)  # (B, N', D), N' < N
@@ -349,6 +353,16 @@ class VisionTransformer(nn.Module):
             if return_attention:
                 attentions.append(attn)  # (B, h, N, N)
         return self.norm(x), attentions  # (B, N, D)
+
+    def _pos_embed_at(self, grid: int) -> Tensor:
+        """E_pos for a grid x grid patch grid: the model's own, or for another grid (dynamic_img_size)
+        the learned one 2D-interpolated (Sec. 3.2; differentiable, so training updates the original)
+        or the fixed one recomputed. Returns (1, N, D)."""
+        if grid == self.patch_embed.grid_size:
+            return self.pos_embed
+        if isinstance(self.pos_embed, nn.Parameter):
+            return resize_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
+        return self._sincos(grid).to(self.pos_embed)
 
     def _patch_dropout(self, x: Tensor) -> Tensor:
         """Keep a random subset of patch tokens per sample, [CLS] always kept (Liu et al., 2022).
