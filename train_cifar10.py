@@ -132,8 +132,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The best test accuracy on the 2-core CPU within an hour (README, "Results"): 57 minutes of
     # training, whatever the machine's speed that day, plus start-up and the last evaluation.
     "cpu": dict(model="vit_cifar_tiny", classifier="gap", time_budget=57.0, epochs=100, batch_size=128,
-                lr=1e-3, warmup_epochs=1.0, weight_decay=0.05, patch_drop=0.6, full_token_epochs=1,
-                label_smoothing=0.1, eval_subset=2000),
+                optimizer="muon", lr=1e-3, muon_lr=4e-3, warmup_epochs=1.0, weight_decay=0.05, patch_drop=0.6,
+                full_token_epochs=1, label_smoothing=0.1, eval_subset=2000),
     # Full recipe for one GPU (DeiT-style): strong augmentation, long schedule, EMA.
     "gpu": dict(model="vit_cifar_base", epochs=200, batch_size=512, lr=1e-3, warmup_epochs=10,
                 weight_decay=0.05, beta2=0.99, drop_path=0.1, randaug_n=2, randaug_m=9, mixup=0.8,
