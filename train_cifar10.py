@@ -351,6 +351,8 @@ def build_optimizers(model: VisionTransformer, cfg: TrainConfig) -> list[tuple[t
                               betas=(0.9, cfg.beta2), fused=True)
     if not muon:
         return [(adamw, 1.0)]
+    if not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"--optimizer muon needs torch.optim.Muon (PyTorch 2.9 or newer), found {torch.__version__}")
     muon_lr = cfg.muon_lr or cfg.lr
     return [(adamw, 1.0), (torch.optim.Muon(muon, lr=muon_lr, weight_decay=cfg.weight_decay,
                                             momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw"),
