@@ -12,7 +12,6 @@ alike; the ratio is the number to read. `recipe` is the baseline for an equal-ti
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from data import CIFAR10_MEAN, CIFAR10_STD, load_dataset, normalize, rand_augment, random_crop_flip
+from train_cifar10 import lr_at
 from vit_model import VisionTransformer, vit_base, vit_cifar
 
 
@@ -153,8 +153,7 @@ def bench_recipe(args: argparse.Namespace) -> None:
         model.train()
         for x, y in loader:
             progress = min((time.time() - t0) / budget, 1.0)
-            lr = 1e-3 * (step + 1) / warmup if step < warmup else 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(
-                math.pi * progress))
+            lr = lr_at(step, progress, warmup, 1e-3, 1e-5)
             for g in opt.param_groups:
                 g["lr"] = lr
             loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
