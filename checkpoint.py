@@ -9,14 +9,20 @@ the training state (`config`, `optimizer`, `scaler`, `epoch`, `step`, `best_acc`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from data import CIFAR10_MEAN, CIFAR10_STD
+from data import CIFAR10_MEAN, CIFAR10_STD, normalize
 from vit_model import VisionTransformer, ViTConfig, load_state_dict_checked
+
+# The trained model that ships with the repository (weights only, half precision) and its card.
+SHIPPED_MODEL = Path(__file__).resolve().parent / "checkpoints" / "vit_cifar_tiny_cpu.pt"
 
 
 class CheckpointError(ValueError):
@@ -100,3 +106,65 @@ def find_latest_checkpoint(root: str | Path = "checkpoints") -> Path | None:
     found = sorted(Path(root).glob("*/*.pt"), key=lambda p: p.stat().st_mtime)
     best = [p for p in found if p.name == "best.pt"]
     return (best or found or [None])[-1]
+
+
+@torch.inference_mode()
+def top_k(model: VisionTransformer, images: Tensor, mean: tuple, std: tuple, classes: list[str] | None,
+          k: int = 3) -> list[list[tuple[str, float]]]:
+    """The k most probable classes of each uint8 image (B, 3, H, W) with their softmax probabilities."""
+    probs = model(normalize(images, mean, std)).float().softmax(-1)  # (B, num_classes)
+    p, i = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    name = (lambda c: classes[c]) if classes else str
+    return [[(name(int(c)), float(q)) for q, c in zip(pr, ix, strict=True)] for pr, ix in zip(p, i, strict=True)]
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def card_path(weights: str | Path) -> Path:
+    """The JSON card that describes a shipped weights file: same name, .json."""
+    return Path(weights).with_suffix(".json")
+
+
+def export_weights(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Write what inference needs, nothing for resuming: the (EMA, if present) weights in half
+    precision, the model config, classes, normalisation and the training config. Returns the
+    written dict."""
+    state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    out = {"model_config": ckpt["model_config"],
+           "model": {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+           "classes": ckpt.get("classes"), "normalize": ckpt.get("normalize"), "config": ckpt.get("config")}
+    atomic_save(out, Path(path))
+    return out
+
+
+def load_pretrained_cifar(path: str | Path = SHIPPED_MODEL, check_hash: bool = True) -> VisionTransformer:
+    """The shipped CIFAR-10 model, in eval mode, in one line:
+
+        model = load_pretrained_cifar()  # model.pretrained_cfg: classes, mean, std, card
+
+    It expects images scaled to [0, 1] and normalised with model.pretrained_cfg's mean and std
+    (data.normalize does both for uint8 images). With check_hash the file must match its card's
+    sha256.
+    """
+    path = Path(path)
+    card_file = card_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model at {path} (the repository ships one as checkpoints/{SHIPPED_MODEL.name})")
+    card = json.loads(card_file.read_text()) if card_file.is_file() else None
+    if check_hash:
+        if card is None:
+            raise FileNotFoundError(f"no card {card_file} next to {path} to check its sha256 against")
+        if sha256_of(path) != card["sha256"]:
+            raise CheckpointError(f"{path} does not match the sha256 in {card_file.name}: the file was changed "
+                                  f"or damaged")
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt).eval()
+    mean, std = input_normalization(ckpt)
+    model.pretrained_cfg = {"classes": list(ckpt["classes"]), "mean": mean, "std": std, "card": card}
+    return model

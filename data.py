@@ -113,10 +113,20 @@ def read_image(path: str | Path, size: int | None = None) -> Tensor:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
+# A few freely licensed photos that ship with the repository (assets/samples/README.md), so the
+# figures need no data set. File names start with the label: cat_chelsea.jpg is a "cat".
+BUNDLED_SAMPLES = Path(__file__).resolve().parent / "assets" / "samples"
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly inside folder, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
 def _load_split(folder: Path, classes: tuple[str, ...], size: int) -> tuple[Tensor, Tensor]:
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        found = image_files(folder / name)
         if not found:
             raise DataNotFoundError(f"class folder {folder / name} holds no images ({', '.join(IMAGE_EXTS)}); "
                                     f"every class needs images in train/ and test/")

@@ -3,6 +3,8 @@ vit_architecture.md and README.md is recomputed from vit_model.py and compared c
 
 from __future__ import annotations
 
+import ast
+import math
 import re
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from test_model import parameter_table, shape_trace
-from vit_model import estimate_flops, vit_base, vit_cifar, vit_huge, vit_large
+from vit_model import Attention, estimate_flops, vit_base, vit_cifar, vit_huge, vit_large
 
 HERE = Path(__file__).resolve().parent
 DOCS = [HERE / "vit_architecture.md", HERE / "README.md"]
@@ -108,3 +110,28 @@ def test_flops_table_matches_the_formula(table_index):
         assert number(linear) == round(f["blocks_linear"] / 1e9, 3), name
         assert number(attention) == round(f["blocks_attention"] / 1e9, 3), name
         assert number(total) == round(f["total"] / 1e9, 3), name
+
+
+def _matrices(cell: str) -> torch.Tensor:
+    return torch.tensor(ast.literal_eval(cell), dtype=torch.float32)
+
+
+def test_worked_attention_example_is_what_the_code_computes():
+    (table,) = checked_tables("worked-example")
+    doc = {re.search(r"`(\w+)`", row[0]).group(1): torch.stack([_matrices(row[1]), _matrices(row[2])])
+           for row in table}
+    attn = Attention(4, num_heads=2)
+    with torch.no_grad():
+        attn.qkv.weight.copy_(torch.cat([torch.eye(4), torch.eye(4), torch.diag(torch.tensor([1.0, 2, 3, 4]))]))
+        attn.qkv.bias.zero_()
+        attn.proj.weight.copy_(torch.eye(4))
+        attn.proj.bias.zero_()
+        z = torch.tensor([[[1.0, 0, 1, 0], [0, 1, 0, 1], [1, 1, 0, 0]]])  # (1, T=3, D=4)
+        out, A = attn(z, return_attention=True)
+        q, k, v = attn.qkv(z).reshape(1, 3, 3, 2, 2).permute(2, 0, 3, 1, 4)[:, 0]  # 3 x (heads, T, D_h)
+    got = {"q": q, "k": k, "v": v, "scores": q @ k.transpose(-2, -1) / math.sqrt(2), "A": A[0], "SA": A[0] @ v}
+    assert set(doc) == set(got)
+    for name, value in got.items():
+        torch.testing.assert_close(doc[name], value, atol=6e-5, rtol=0, msg=name)
+    concat = torch.cat([doc["SA"][0], doc["SA"][1]], dim=-1)  # (T, D): the two heads side by side
+    torch.testing.assert_close(concat, out[0], atol=6e-5, rtol=0)

@@ -136,7 +136,9 @@ CASES = [
     ("train", [*TRAIN, "--model", "vit_giant"], "--model must be one of"),
     ("train", [*TRAIN, "--wandb", "maybe"], "--wandb must be one of"),
     ("train", [*TRAIN, "--amp", "fp16", "--device", "cpu"], "--amp fp16 needs CUDA"),
-    ("train", [*TRAIN, "--data-dir", "{root}/nothing", "--no-download"], "no CIFAR-10 found"),
+    ("train", [*TRAIN, "--data-dir", "{root}/nothing", "--no-download"],
+     "no CIFAR-10 found ... `python visualize_attention.py` needs no data"),
+    ("train", [*TRAIN, "--export", "{root}/w.pt"], "--export needs --eval-only"),
     ("train", [*TRAIN, "--data-dir", "{empty_train}"], "train/cat holds no images"),
     ("train", [*TRAIN, "--data-dir", "{empty_test}"], "test/dog holds no images"),
     ("train", [*TRAIN, "--data-dir", "{all_empty}"], "holds no images"),
@@ -171,7 +173,6 @@ CASES = [
     ("train", ["--eval-only", "{root}/two_classes.pt", "--data-dir", "{data}"], "not the ones the checkpoint"),
     ("train", ["--eval-only", "{best}", "--data-dir", "{shapes}"], "not the ones the checkpoint"),
     # figures
-    ("figures", ["--checkpoint-dir", "{root}/nothing", "--images", "{img}"], "no checkpoint found"),
     ("figures", ["--checkpoint", "{root}/zero.pt", "--images", "{img}"], "cannot read checkpoint"),
     ("figures", ["--checkpoint", "{root}/foreign.pt", "--images", "{img}"], "is not a checkpoint"),
     ("figures", ["--checkpoint", "{best}", "--images", "{root}/text.pt"], "cannot read image"),
@@ -199,6 +200,13 @@ def test_bad_input_is_one_clear_line(world, tmp_path, capsys, entry, argv, messa
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert re.search(".*".join(re.escape(part) for part in message.split(" ... ")), lines[0]), lines[0]
     assert fingerprint(world["root"]) == before  # no checkpoint was written or changed
+
+
+def test_no_checkpoint_and_no_shipped_model_is_one_line(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(va, "SHIPPED_MODEL", tmp_path / "gone.pt")
+    code, err = run_cli(va.main, ["--checkpoint-dir", str(world["root"] / "nothing"), "--images", str(world["img"]),
+                                  "--out-dir", str(tmp_path / "figs")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "no checkpoint found" in err and "no shipped model" in err, err
 
 
 def test_decompression_bombs_are_refused_by_name(world, tmp_path, capsys, monkeypatch):

@@ -226,11 +226,14 @@ def _np_layernorm(x, scale, bias):
     return (x - mu) / np.sqrt(var + 1e-6) * scale + bias
 
 
-def _np_gelu(x):
-    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+def _np_gelu(x, form="tanh"):
+    """GELU as flax's nn.gelu computes it: the tanh approximation by default, erf when exact."""
+    if form == "erf":
+        return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def _np_jax_forward(a: dict[str, np.ndarray], img: np.ndarray, P: int) -> np.ndarray:
+def _np_jax_forward(a: dict[str, np.ndarray], img: np.ndarray, P: int, gelu: str = "tanh") -> np.ndarray:
     """The JAX model's forward pass written with numpy in the checkpoint's own layouts (NHWC)."""
     B, Hh, Ww, C = img.shape
     g = Hh // P
@@ -251,7 +254,7 @@ def _np_jax_forward(a: dict[str, np.ndarray], img: np.ndarray, P: int) -> np.nda
         o = np.einsum("bhqt,bthk->bqhk", w, v)
         x = x + np.einsum("bqhk,hkd->bqd", o, a[m + "out/kernel"]) + a[m + "out/bias"]
         y = _np_layernorm(x, a[p + "LayerNorm_2/scale"], a[p + "LayerNorm_2/bias"])
-        y = _np_gelu(y @ a[p + "MlpBlock_3/Dense_0/kernel"] + a[p + "MlpBlock_3/Dense_0/bias"])
+        y = _np_gelu(y @ a[p + "MlpBlock_3/Dense_0/kernel"] + a[p + "MlpBlock_3/Dense_0/bias"], gelu)
         x = x + y @ a[p + "MlpBlock_3/Dense_1/kernel"] + a[p + "MlpBlock_3/Dense_1/bias"]
         i += 1
     x = _np_layernorm(x, a["Transformer/encoder_norm/scale"], a["Transformer/encoder_norm/bias"])
@@ -269,11 +272,17 @@ def test_google_npz_loads_and_matches_hand_computation(tmp_path):
     with torch.no_grad():
         got = model(torch.from_numpy(img).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert model.config.gelu == "tanh"  # flax's default, the form Google's models were trained with
+    exact = load_jax_npz(str(path), num_heads=2, gelu="erf").eval()
+    with torch.no_grad():
+        got_erf = exact(torch.from_numpy(img).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(got_erf, _np_jax_forward(arrays, img, P=4, gelu="erf"), atol=1e-4, rtol=1e-4)
+    assert np.abs(got_erf - got).max() > 1e-4  # the two forms differ measurably on these weights
     # one block alone: the converted block equals the hand computation of encoderblock_0
     one = {k: v for k, v in arrays.items() if "encoderblock_1" not in k}
     with torch.no_grad():
         one_model = VisionTransformer(ViTConfig(img_size=8, patch_size=4, embed_dim=8, depth=1,
-                                                num_heads=2, mlp_ratio=2.0, num_classes=3)).eval()
+                                                num_heads=2, mlp_ratio=2.0, num_classes=3, gelu="tanh")).eval()
         load_state_dict_checked(one_model, convert_jax_state_dict(one))
         got1 = one_model(torch.from_numpy(img).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(got1, _np_jax_forward(one, img, P=4), atol=1e-4, rtol=1e-4)
@@ -305,14 +314,28 @@ def test_change_resolution_and_load_at_new_size():
     torch.testing.assert_close(sincos.pos_embed[0, 1:], sincos_pos_embed_2d(12, 128))
 
 
+def _np_big_vision_sincos(h, w, width, temperature=10_000.0):
+    """big_vision's posemb_sincos_2d (models/vit.py), transcribed to numpy."""
+    y, x = np.mgrid[:h, :w]
+    omega = np.arange(width // 4) / (width // 4 - 1)
+    omega = 1.0 / (temperature**omega)
+    y = np.einsum("m,d->md", y.flatten(), omega)
+    x = np.einsum("m,d->md", x.flatten(), omega)
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+
+
 def test_sincos_embedding_values():
-    pe = sincos_pos_embed_2d(4, 8)  # (16, 8): [sin y, cos y, sin x, cos x], 2 frequencies each
+    pe = sincos_pos_embed_2d(4, 8)  # (16, 8): [sin x, cos x, sin y, cos y], 2 frequencies each
     assert pe.shape == (16, 8)
     torch.testing.assert_close(pe[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
-    row1_col2 = pe[1 * 4 + 2]  # y = 1, x = 2, frequencies 1 and 0.01
-    expected = torch.tensor([math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01),
-                             math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02)])
+    row1_col2 = pe[1 * 4 + 2]  # y = 1, x = 2, frequencies 1 and 1/10000
+    expected = torch.tensor([math.sin(2), math.sin(2e-4), math.cos(2), math.cos(2e-4),
+                             math.sin(1), math.sin(1e-4), math.cos(1), math.cos(1e-4)])
     torch.testing.assert_close(row1_col2, expected)
+    for g, D in ((4, 8), (8, 128), (14, 768)):
+        np.testing.assert_allclose(sincos_pos_embed_2d(g, D).numpy(), _np_big_vision_sincos(g, g, D), atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 4 and at least 8"):
+        sincos_pos_embed_2d(4, 4)
     model = tiny(pos_embed="sincos")
     assert "pos_embed" not in dict(model.named_parameters())
     assert tiny(pos_embed="none").pos_embed is None

@@ -125,8 +125,6 @@ def test_bad_input_gets_clear_errors(tiny_checkpoint, tmp_path):
     def figures(*argv: str) -> dict:
         return va.make_figures(va.parse_args(list(argv)))
 
-    with pytest.raises(FileNotFoundError, match="no checkpoint found.*train_cifar10.py"):
-        figures("--checkpoint-dir", str(tmp_path / "empty"), "--images", *images)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
@@ -140,3 +138,26 @@ def test_bad_input_gets_clear_errors(tiny_checkpoint, tmp_path):
 def test_rollout_map_for_gap_models_averages_rows():
     r = torch.rand(2, 9, 9)
     torch.testing.assert_close(va.rollout_to_patch_map(r, 0, 3), r.mean(1).view(2, 3, 3))
+
+
+def test_own_images_get_top3_and_a_rollout_at_their_own_resolution(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    path, images = tiny_checkpoint  # two 40x50 images; the model sees them at 32x32
+    shown = {}
+    real = va.plot_rollout
+
+    def spy(imgs, *args, **kwargs):
+        shown["shapes"] = [tuple(i.shape) for i in imgs]
+        return real(imgs, *args, **kwargs)
+
+    monkeypatch.setattr(va, "plot_rollout", spy)
+    va.main(["--checkpoint", str(path), "--images", *images, "--out-dir", str(tmp_path / "f")])
+    assert shown["shapes"] == [(3, 40, 50)] * 2
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  img")]
+    model = va.load_model(va.parse_args(["--checkpoint", str(path)])).model.eval()
+    x = torch.stack([va.read_image(f, 32) for f in images])
+    with torch.no_grad():
+        probs = model(va.normalize(x, (0.5,) * 3, (0.25,) * 3)).softmax(-1)  # the checkpoint's normalisation
+    for line, p in zip(printed, probs, strict=True):
+        top = p.topk(3)
+        expected = ", ".join(f"{va.CIFAR10_CLASSES[int(i)]} {100 * v:.1f}%" for v, i in zip(*top, strict=True))
+        assert line.split(": ", 1)[1] == expected

@@ -42,8 +42,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from checkpoint import atomic_save, input_normalization, load_checkpoint, model_from_checkpoint, resolve_checkpoint_path
-from data import Augment, DataNotFoundError, ImageData, TrainBatches, load_dataset, match_classes, normalize
+from checkpoint import (
+    atomic_save,
+    card_path,
+    export_weights,
+    input_normalization,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint_path,
+    sha256_of,
+    top_k,
+)
+from data import (
+    BUNDLED_SAMPLES,
+    Augment,
+    DataNotFoundError,
+    ImageData,
+    TrainBatches,
+    image_files,
+    load_dataset,
+    match_classes,
+    normalize,
+    read_image,
+)
 from plots import save_confusion_png, save_curve_png
 from vit_model import CIFAR_PRESETS, VisionTransformer, ViTConfig, load_state_dict_checked, model_config
 
@@ -146,6 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pt (or run folder)")
     p.add_argument("--eval-only", metavar="CKPT", help="evaluate a checkpoint: accuracy, per-class "
                                                        "accuracy and a confusion-matrix PNG")
+    p.add_argument("--export", metavar="PATH", help="with --eval-only: also write the weights for inference in "
+                                                   "half precision to PATH and a card PATH.json (sha256, config, "
+                                                   "test accuracy, predictions on the bundled sample images)")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error (or set VIT_DEBUG=1)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -644,6 +668,64 @@ def run_eval_only(args: argparse.Namespace) -> None:
     check_writable(png.parent)
     save_confusion_png(cm, data.classes, png, f"test set, accuracy {100 * res['acc']:.2f}%")
     print(f"confusion matrix: {png}")
+    if args.export:
+        export(ckpt, Path(args.export), cfg, data, device)
+
+
+def _flag(name: str, value: Any) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
+def config_command(config: dict[str, Any]) -> str:
+    """The shortest `python train_cifar10.py ...` that reproduces a training config (a preset plus
+    the flags that differ from it); where the data and outputs go is left out."""
+    skip = {"data_dir", "download", "out_dir", "run_name", "wandb", "wandb_project", "device", "threads"}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    best = None
+    for preset in (None, *PRESETS):
+        base = dataclasses.asdict(TrainConfig(**(PRESETS[preset] if preset else {})))
+        flags = [_flag(k, v) for k, v in config.items() if k in known and k not in skip and v != base[k]]
+        cmd = " ".join(["python train_cifar10.py"] + ([f"--preset {preset}"] if preset else []) + flags)
+        best = cmd if best is None or len(cmd) < len(best) else best
+    return best
+
+
+def export(ckpt: dict[str, Any], path: Path, cfg: TrainConfig, data: ImageData, device: torch.device) -> None:
+    """--export: the half-precision weights file, evaluated again as written, and its card."""
+    check_writable(path.parent)
+    export_weights(ckpt, path)
+    shipped = load_checkpoint(path)
+    mean, std = input_normalization(shipped)
+    x, y = data.test_x.to(device), data.test_y.to(device)
+    acc_fp32 = evaluate(model_from_checkpoint(ckpt).to(device), x, y, mean, std, cfg.eval_batch_size)["acc"]
+    model = model_from_checkpoint(shipped).to(device)
+    plain = evaluate(model, x, y, mean, std, cfg.eval_batch_size)["acc"]
+    flip = evaluate(model, x, y, mean, std, cfg.eval_batch_size, tta_flip=True)["acc"]
+    samples = []
+    files = image_files(BUNDLED_SAMPLES) if BUNDLED_SAMPLES.is_dir() else []
+    if files:
+        images = torch.stack([read_image(f, model.config.img_size) for f in files]).to(device)
+        for f, top in zip(files, top_k(model.cpu(), images.cpu(), mean, std, list(data.classes)), strict=True):
+            samples.append({"file": f"{BUNDLED_SAMPLES.parent.name}/{BUNDLED_SAMPLES.name}/{f.name}",
+                            "label": f.name.split("_")[0], "top3": [[c, round(p, 4)] for c, p in top]})
+    card = {
+        "file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size, "dtype": "float16",
+        "parameters": sum(v.numel() for v in shipped["model"].values()), "model_config": shipped["model_config"],
+        "classes": list(data.classes), "normalize": shipped["normalize"],
+        "command": config_command(ckpt.get("config", {})), "epochs": ckpt.get("epoch"),
+        "data": f"CIFAR-10 ({'JPEG copy, ' if (Path(cfg.data_dir) / 'test').is_dir() else ''}"
+                f"{len(data.test_y):,} test images)",
+        "test_accuracy": {"checkpoint_fp32": round(100 * acc_fp32, 2), "shipped_fp16": round(100 * plain, 2),
+                          "shipped_fp16_flip_tta": round(100 * flip, 2)},
+        "samples": samples, "date": time.strftime("%Y-%m-%d"),
+    }
+    card_path(path).write_text(json.dumps(card, indent=1) + "\n")
+    print(f"exported {path} ({card['bytes']:,} bytes, sha256 {card['sha256'][:12]}...): test accuracy "
+          f"{card['test_accuracy']['shipped_fp16']:.2f}% in half precision ({100 * acc_fp32:.2f}% in float32), "
+          f"{card['test_accuracy']['shipped_fp16_flip_tta']:.2f}% with flip TTA; card {card_path(path)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -837,6 +919,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        if args.export and not args.eval_only:
+            raise ValueError("--export needs --eval-only CKPT: it exports the checkpoint it evaluates")
         if args.eval_only:
             run_eval_only(args)
         else:
@@ -844,7 +928,11 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, DataNotFoundError, FloatingPointError) as e:
         if args.debug or os.environ.get("VIT_DEBUG"):
             raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line; --debug for the traceback
+        msg = " ".join(str(e).split())  # one line; --debug for the traceback
+        if isinstance(e, DataNotFoundError) and msg.startswith("no CIFAR-10 found"):
+            msg += (" Meanwhile `python visualize_attention.py` needs no data: it draws the figures with the "
+                    "model shipped in checkpoints/ and the sample photos in assets/samples.")
+        print("error: " + msg, file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         if dist.is_initialized():

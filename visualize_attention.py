@@ -1,7 +1,8 @@
 """Look inside a ViT: the paper's Figure 7 (three panels), Figure 6 (attention rollout) and
 per-head attention maps, from the model's own attention output (no hooks).
 
-    python visualize_attention.py                                   # newest checkpoint, CIFAR-10 test
+    python visualize_attention.py                 # newest trained checkpoint, else the shipped model
+    python visualize_attention.py --images my_cat.jpg                    # top-3 classes and rollout
     python visualize_attention.py --checkpoint checkpoints/RUN/best.pt --data-dir /tmp/cifar10
     python visualize_attention.py --torchvision-weights vit_b_16 --images cat.jpg dog.png
     python visualize_attention.py --npz ViT-B_16.npz --images cat.jpg
@@ -16,16 +17,25 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from checkpoint import find_latest_checkpoint, input_normalization, load_checkpoint, model_from_checkpoint
-from data import CIFAR10_CLASSES, DataNotFoundError, load_dataset, normalize, read_image
+from checkpoint import (
+    SHIPPED_MODEL,
+    find_latest_checkpoint,
+    input_normalization,
+    load_checkpoint,
+    model_from_checkpoint,
+    top_k,
+)
+from data import BUNDLED_SAMPLES, CIFAR10_CLASSES, DataNotFoundError, image_files, load_dataset, normalize, read_image
 from plots import pyplot
-from vit_model import DownloadError, VisionTransformer, load_jax_npz, load_torchvision_pretrained
+from vit_model import DownloadError, VisionTransformer, ViTConfig, load_jax_npz, load_torchvision_pretrained
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision weights
 GOOGLE_MEAN, GOOGLE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # Google .npz checkpoints: [-1, 1]
@@ -90,6 +100,15 @@ def mean_attention_distance(attentions: list[Tensor], grid_size: int, patch_size
     return torch.stack(out)  # (L, h)
 
 
+def uniform_attention_distance(grid_size: int, patch_size: int) -> float:
+    """The mean attention distance of a head that attends uniformly to all patches: the mean
+    distance between two patch centres of the grid, in pixels. A head near it is effectively global;
+    one far below it is local (Figure 7, right)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size),
+                                        indexing="ij"), -1).reshape(-1, 2).double()  # (N_p, 2)
+    return (torch.cdist(coords, coords) * patch_size).mean().item()
+
+
 def position_embedding_similarity(pos_embed: Tensor, grid_size: int, num_prefix_tokens: int = 1
                                   ) -> Tensor:
     """Figure 7 (center): cosine similarity between the position embedding of every patch and
@@ -119,77 +138,122 @@ def patch_embedding_pcs(weight: Tensor, k: int = 28) -> tuple[Tensor, Tensor]:
 # Model and images
 # --------------------------------------------------------------------------------------------
 
-def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, str, tuple, tuple, list[str] | None]:
-    """The model, a description of where it came from, its input mean and std, and its class names
-    (None when unknown)."""
+@dataclass
+class Source:
+    """A model to look into, where it came from, its input normalisation, class names (None when
+    unknown) and the seed its initialisation was drawn with."""
+
+    model: VisionTransformer
+    name: str
+    mean: tuple
+    std: tuple
+    classes: list[str] | None
+    seed: int = 0
+
+
+def load_model(args: argparse.Namespace) -> Source:
+    """--torchvision-weights, --npz or --checkpoint if given; else the newest trained checkpoint
+    under --checkpoint-dir; else the model that ships with the repository."""
     if args.torchvision_weights:
-        return (load_torchvision_pretrained(args.torchvision_weights),
-                f"torchvision {args.torchvision_weights} (ImageNet)", IMAGENET_MEAN, IMAGENET_STD, None)
+        return Source(load_torchvision_pretrained(args.torchvision_weights),
+                      f"torchvision {args.torchvision_weights} (ImageNet)", IMAGENET_MEAN, IMAGENET_STD, None)
     if args.npz:
-        return load_jax_npz(args.npz), f"Google {Path(args.npz).name}", GOOGLE_MEAN, GOOGLE_STD, None
+        return Source(load_jax_npz(args.npz), f"Google {Path(args.npz).name}", GOOGLE_MEAN, GOOGLE_STD, None)
     path = Path(args.checkpoint) if args.checkpoint else find_latest_checkpoint(args.checkpoint_dir)
+    name = f"checkpoint {path}"
+    if path is None and SHIPPED_MODEL.is_file():
+        path, name = SHIPPED_MODEL, f"shipped model {SHIPPED_MODEL.parent.name}/{SHIPPED_MODEL.name}"
     if path is None or not path.exists():
         raise FileNotFoundError(
-            f"no checkpoint found ({args.checkpoint or args.checkpoint_dir + '/*/*.pt'}). Train one "
-            f"first, e.g. `python train_cifar10.py --preset cpu --data-dir DATA`, or pass "
-            f"--checkpoint, --torchvision-weights vit_b_16 or --npz FILE")
+            f"no checkpoint found ({args.checkpoint or args.checkpoint_dir + '/*/*.pt'}) and no shipped model "
+            f"({SHIPPED_MODEL}). Train one, e.g. `python train_cifar10.py --preset cpu --data-dir DATA`, or "
+            f"pass --checkpoint, --torchvision-weights vit_b_16 or --npz FILE")
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt)
     classes = ckpt.get("classes") or (list(CIFAR10_CLASSES) if model.num_classes == len(CIFAR10_CLASSES) else None)
-    return model, f"checkpoint {path}", *input_normalization(ckpt), classes
+    seed = int((ckpt.get("config") or {}).get("seed", 0))
+    return Source(model, name, *input_normalization(ckpt), classes, seed)
 
 
-def load_images(args: argparse.Namespace, size: int) -> tuple[Tensor, list[str]]:
-    """uint8 (B, 3, size, size) images and a label for each."""
+@dataclass
+class Images:
+    """uint8 images at the model's input size (B, 3, S, S), a label for each, the same images at
+    their own resolution when they came from files (for display), and where they came from."""
+
+    x: Tensor
+    labels: list[str]
+    originals: list[Tensor] | None
+    name: str
+
+
+def _from_files(files: list[Path], size: int, labels: list[str], name: str) -> Images:
+    originals = [read_image(f) for f in files]
+    x = torch.stack([read_image(f, size) for f in files])  # the model's view: resized to size x size
+    return Images(x, labels, originals, name)
+
+
+def load_images(args: argparse.Namespace, size: int) -> Images:
+    """--images; else CIFAR-10 test images from --data-dir (downloaded only with --download); else
+    the sample photos bundled with the repository."""
     if args.images:
-        imgs = [read_image(p, size) for p in args.images]
-        return torch.stack(imgs), [Path(p).name for p in args.images]
-    data = load_dataset(args.data_dir, download=args.download, with_train=False)
+        files = [Path(p) for p in args.images]
+        return _from_files(files, size, [f.name for f in files], f"{len(files)} image file(s)")
+    try:
+        data = load_dataset(args.data_dir, download=args.download, with_train=False)
+    except DataNotFoundError:
+        if args.download or not BUNDLED_SAMPLES.is_dir():
+            raise
+        files = image_files(BUNDLED_SAMPLES)
+        print(f"no CIFAR-10 in {args.data_dir!r}: using the {len(files)} sample photos in "
+              f"{BUNDLED_SAMPLES.parent.name}/{BUNDLED_SAMPLES.name} (--data-dir DIR or --download for CIFAR-10)")
+        return _from_files(files, size, [f.name.split("_")[0] for f in files],
+                           f"{len(files)} bundled sample photos")
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data.test_x), generator=g)[: args.num_images]
     x = data.test_x[idx]
     if x.shape[-1] != size:
         x = F.interpolate(x.float(), size=(size, size), mode="bicubic").clamp(0, 255).to(torch.uint8)
-    return x, [data.classes[i] for i in data.test_y[idx]]
+    return Images(x, [data.classes[i] for i in data.test_y[idx]], None, f"{len(x)} CIFAR-10 test images")
 
 
 @torch.inference_mode()
 def collect_attention(model: VisionTransformer, x: Tensor, mean: tuple, std: tuple,
-                      batch_size: int = 64) -> tuple[list[Tensor], Tensor]:
-    """Attention of every layer (B, h, N, N) for uint8 images x, and the predicted classes."""
+                      batch_size: int = 64) -> list[Tensor]:
+    """Attention of every layer (B, h, N, N) for uint8 images x."""
     dev = next(model.parameters()).device
     layers: list[list[Tensor]] = [[] for _ in model.blocks]
-    preds = []
     for i in range(0, len(x), batch_size):
         xb = normalize(x[i:i + batch_size].to(dev), mean, std)  # (b, 3, H, W)
-        logits, attns = model(xb, return_attention=True)
-        preds.append(logits.argmax(1).cpu())
+        _, attns = model(xb, return_attention=True)
         for store, a in zip(layers, attns, strict=True):
             store.append(a.cpu())
-    return [torch.cat(a) for a in layers], torch.cat(preds)
+    return [torch.cat(a) for a in layers]
 
 
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
 
-def plot_filters(pcs: Tensor, var: Tensor, path: Path, source: str) -> None:
+def plot_filters(panels: list[tuple[str, Tensor, Tensor]], path: Path, source: str) -> None:
+    """One block of principal components per (title, pcs, variance) panel, side by side."""
     plt = pyplot()
-    k = pcs.shape[0]
+    k = max(pcs.shape[0] for _, pcs, _ in panels)
     cols = min(7, k)
     rows = -(-k // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows + 0.8), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i in range(k):
-        pc = pcs[i]
-        pc = (pc - pc.min()) / (pc.max() - pc.min()).clamp(min=1e-12)  # each component to [0, 1]
-        img = pc.permute(1, 2, 0) if pc.shape[0] == 3 else pc.mean(0)
-        axes.flat[i].imshow(img.numpy(), interpolation="nearest", cmap=None if pc.shape[0] == 3 else "gray")
-        axes.flat[i].set_title(f"PC{i + 1} {100 * var[i]:.0f}%", fontsize=7)
-    fig.suptitle(f"RGB embedding filters: first {k} principal components\n{source}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig = plt.figure(figsize=(1.3 * cols * len(panels) + 0.3 * (len(panels) - 1), 1.45 * rows + 1.0))
+    for sub, (title, pcs, var) in zip(fig.subfigures(1, len(panels), squeeze=False)[0], panels, strict=True):
+        axes = sub.subplots(rows, cols, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for i in range(pcs.shape[0]):
+            pc = pcs[i]
+            pc = (pc - pc.min()) / (pc.max() - pc.min()).clamp(min=1e-12)  # each component to [0, 1]
+            img = pc.permute(1, 2, 0) if pc.shape[0] == 3 else pc.mean(0)
+            axes.flat[i].imshow(img.numpy(), interpolation="nearest", cmap=None if pc.shape[0] == 3 else "gray")
+            axes.flat[i].set_title(f"PC{i + 1} {100 * var[i]:.0f}%", fontsize=7)
+        sub.suptitle(title, fontsize=9)
+    fig.suptitle(f"RGB embedding filters: first {k} principal components\n{source}", fontsize=9, y=1.06)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -220,16 +284,17 @@ def plot_attention_distance(dist: Tensor, n_images: int, path: Path, source: str
                             patch_size: int, img_size: int) -> None:
     plt = pyplot()
     L, H = dist.shape
+    uniform = uniform_attention_distance(img_size // patch_size, patch_size)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for h in range(H):
         ax.scatter(torch.arange(L) + 1, dist[:, h], s=14, label=f"Head {h + 1}" if H <= 16 else None)
+    ax.axhline(uniform, ls="--", color="gray", lw=1, label=f"uniform attention ({uniform:.1f} px)")
     ax.set_xlabel("Network depth (layer)")
     ax.set_ylabel("Mean attention distance (pixels)")
     ax.set_ylim(0, img_size * 0.75)
     ax.set_xticks(range(1, L + 1))
     ax.grid(alpha=0.3)
-    if H <= 16:
-        ax.legend(fontsize=6, ncol=2, loc="lower right")
+    ax.legend(fontsize=6, ncol=2, loc="lower right")
     ax.set_title(f"Size of attended area by head and network depth\n{n_images} images, "
                  f"{img_size}x{img_size} input, patch {patch_size}; {source}", fontsize=9)
     fig.tight_layout()
@@ -237,16 +302,16 @@ def plot_attention_distance(dist: Tensor, n_images: int, path: Path, source: str
     plt.close(fig)
 
 
-def plot_rollout(images: Tensor, maps: Tensor, labels: list[str], preds: list[str], path: Path,
+def plot_rollout(images: list[Tensor], maps: Tensor, labels: list[str], preds: list[str], path: Path,
                  head_fusion: str, source: str) -> None:
+    """Each image (3, H, W), at whatever resolution it has, under its rollout map (g, g) stretched to
+    its size."""
     plt = pyplot()
-    n = images.shape[0]
+    n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(2.0 * n, 4.6), squeeze=False)
-    size = images.shape[-1]
-    up = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
     for i in range(n):
         img = images[i].permute(1, 2, 0).numpy()
-        m = up[i]
+        m = F.interpolate(maps[i][None, None], size=images[i].shape[1:], mode="bilinear", align_corners=False)[0, 0]
         m = (m - m.min()) / (m.max() - m.min()).clamp(min=1e-12)
         axes[0, i].imshow(img)
         axes[0, i].set_title(f"{labels[i]}\n(pred: {preds[i]})", fontsize=8)
@@ -262,7 +327,7 @@ def plot_rollout(images: Tensor, maps: Tensor, labels: list[str], preds: list[st
 
 
 def plot_heads(image: Tensor, attentions: list[Tensor], layers: list[int], num_prefix_tokens: int,
-               grid: int, path: Path, source: str) -> None:
+               grid: int, path: Path, source: str) -> Any:
     plt = pyplot()
     H = attentions[0].shape[1]
     fig, axes = plt.subplots(len(layers), H + 1, figsize=(1.6 * (H + 1), 1.7 * len(layers) + 0.9),
@@ -274,17 +339,20 @@ def plot_heads(image: Tensor, attentions: list[Tensor], layers: list[int], num_p
         maps = maps.reshape(H, grid, grid)
         axes[r, 0].imshow(image.permute(1, 2, 0).numpy())
         axes[r, 0].set_ylabel(f"layer {layer + 1}", fontsize=8)
+        top = maps.max().item()  # one scale for the row, so its heads can be compared by colour
         for h in range(H):
-            im = axes[r, h + 1].imshow(maps[h].numpy(), cmap="inferno", vmin=0)
+            im = axes[r, h + 1].imshow(maps[h].numpy(), cmap="inferno", vmin=0, vmax=top)
             if r == 0:
                 axes[r, h + 1].set_title(f"head {h + 1}", fontsize=8)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
         fig.colorbar(im, ax=axes[r].tolist(), fraction=0.015, pad=0.01)
-    fig.suptitle(f"Attention weights per head ({what}, each patch one cell)\n{source}", fontsize=9)
+    fig.suptitle(f"Attention weights per head ({what}, each patch one cell; one colour scale per "
+                 f"layer)\n{source}", fontsize=9)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,10 +369,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="ImageNet weights through torchvision, e.g. vit_b_16 (needs the network)")
     src.add_argument("--npz", help="a Google ViT .npz checkpoint, e.g. ViT-B_16.npz")
     img = p.add_argument_group("images")
-    img.add_argument("--images", nargs="+", help="image files (default: CIFAR-10 test images)")
-    img.add_argument("--data-dir", default="data", help="CIFAR-10 location, as in train_cifar10.py")
-    img.add_argument("--no-download", dest="download", action="store_false",
-                     help="never download CIFAR-10")
+    img.add_argument("--images", nargs="+", help="image files, any size: prints each one's top-3 classes "
+                                                 "(default: CIFAR-10 test images, else the bundled samples)")
+    img.add_argument("--data-dir", default="data", help="CIFAR-10 location, as in train_cifar10.py; without "
+                                                        "it, the sample photos in assets/samples are used")
+    img.add_argument("--download", action="store_true",
+                     help="download CIFAR-10 into --data-dir when it is not there")
     img.add_argument("--num-images", type=int, default=128,
                      help="images for the mean attention distance (the paper uses 128)")
     img.add_argument("--show", type=int, default=6, help="images shown in the rollout figure")
@@ -331,8 +401,8 @@ def default_layers(depth: int) -> list[int]:
 
 
 def make_figures(args: argparse.Namespace) -> dict[str, Path]:
-    model, source, mean, std, class_names = load_model(args)
-    model.eval()
+    src = load_model(args)
+    model, source, mean, std, class_names = src.model.eval(), src.name, src.mean, src.std, src.classes
     cfg = model.config
     grid, P, pre = cfg.grid_size, cfg.patch_size, model.num_prefix_tokens
     layers = [l - 1 for l in args.layers] if args.layers else default_layers(cfg.depth)
@@ -344,32 +414,41 @@ def make_figures(args: argparse.Namespace) -> dict[str, Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot create the output folder {out}: {e}") from e
-    images, labels = load_images(args, cfg.img_size)
+    imgs = load_images(args, cfg.img_size)
+    print(f"model: {source}; images: {imgs.name}")
 
     t0 = time.perf_counter()
-    attentions, preds = collect_attention(model, images, mean, std)
+    attentions = collect_attention(model, imgs.x, mean, std)
     dist = mean_attention_distance(attentions, grid, P, pre)
     t_dist = time.perf_counter() - t0
-    pred_names = [class_names[int(p)] if class_names else str(int(p)) for p in preds]
+    tops = top_k(model, imgs.x, mean, std, class_names)
+    if imgs.originals is not None:
+        for label, top in zip(imgs.labels, tops, strict=True):
+            print(f"  {label}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top))
 
     files = {name: out / f"{name}.png" for name in (
         "fig7_embedding_filters", "fig7_position_similarity", "fig7_attention_distance",
         "fig6_attention_rollout", "attention_heads")}
-    pcs, var = patch_embedding_pcs(model.patch_embed.proj.weight.detach(), args.num_pcs)
-    plot_filters(pcs, var, files["fig7_embedding_filters"], source)
+    torch.manual_seed(src.seed)  # the untrained model, drawn with the training run's seed
+    init = VisionTransformer(ViTConfig(**cfg.to_dict())).patch_embed.proj.weight.detach()
+    panels = [("trained", *patch_embedding_pcs(model.patch_embed.proj.weight.detach(), args.num_pcs)),
+              (f"at initialisation (seed {src.seed})", *patch_embedding_pcs(init, args.num_pcs))]
+    plot_filters(panels, files["fig7_embedding_filters"], source)
     if model.pos_embed is None:
         print("note: this model has no position embedding; fig7_position_similarity.png is skipped")
         files.pop("fig7_position_similarity")
     else:
         sim = position_embedding_similarity(model.pos_embed.detach(), grid, pre)
         plot_position_similarity(sim, files["fig7_position_similarity"], source)
-    plot_attention_distance(dist, len(images), files["fig7_attention_distance"], source, P, cfg.img_size)
-    n = min(args.show, len(images))
+    plot_attention_distance(dist, len(imgs.x), files["fig7_attention_distance"], source, P, cfg.img_size)
+    n = min(args.show, len(imgs.x))
     maps = rollout_to_patch_map(attention_rollout([a[:n] for a in attentions], args.head_fusion), pre, grid)
-    plot_rollout(images[:n], maps, labels[:n], pred_names[:n], files["fig6_attention_rollout"],
+    shown = imgs.originals[:n] if imgs.originals is not None else list(imgs.x[:n])
+    plot_rollout(shown, maps, imgs.labels[:n], [top[0][0] for top in tops[:n]], files["fig6_attention_rollout"],
                  args.head_fusion, source)
-    plot_heads(images[0], [a[:1] for a in attentions], layers, pre, grid, files["attention_heads"], source)
-    print(f"attention of {len(images)} images and their mean distances: {t_dist:.2f} s")
+    plot_heads(imgs.x[0], [a[:1] for a in attentions], layers, pre, grid, files["attention_heads"], source)
+    print(f"attention of {len(imgs.x)} images and their mean distances: {t_dist:.2f} s "
+          f"(Figure 7 right averages over these {len(imgs.x)} images)")
     for path in files.values():
         print(f"  {path}")
     if args.wandb != "off":
@@ -377,7 +456,7 @@ def make_figures(args: argparse.Namespace) -> dict[str, Path]:
             import wandb
 
             run = wandb.init(project="vit_from_scratch", job_type="visualize", mode=args.wandb,
-                             dir=str(out), config={"source": source, "num_images": len(images)})
+                             dir=str(out), config={"source": source, "num_images": len(imgs.x)})
             run.log({name: wandb.Image(str(path)) for name, path in files.items()})
             run.finish()
         except Exception as e:

@@ -1,7 +1,8 @@
 """Vision Transformer, written from scratch.
 
 Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale",
-ICLR 2021. Equation numbers (Eq. 1-4), sections and appendices refer to that paper.
+ICLR 2021. Equation numbers (Eq. 1-4 in Sec. 3.1, Eq. 5-8 in Appendix A), sections and appendices
+refer to that paper.
 
     x -> PatchEmbed (Eq. 1) -> [CLS; patches] + pos_embed (Eq. 1)
       -> depth x Block (Eq. 2-3) -> LayerNorm -> CLS output or mean (Eq. 4) -> head
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 CLASSIFIERS = ("token", "gap")
 POS_EMBEDS = ("learned", "sincos", "none")
+GELUS = ("erf", "tanh")
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ViTConfig:
     pos_embed: str = "learned"  # "learned" | "sincos" (fixed 2D) | "none" (Appendix D.4)
     representation_size: int | None = None  # pre-logits layer of the pre-training head (Sec. 3.1)
     dynamic_img_size: bool = False  # accept any square multiple of patch_size, pos_embed interpolated (Sec. 3.2)
+    gelu: str = "erf"  # MLP activation: "erf" (exact, as torchvision and timm) or "tanh" (flax's nn.gelu default)
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -58,6 +61,8 @@ class ViTConfig:
                              f"and {self.num_classes}")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
+        if self.gelu not in GELUS:
+            raise ValueError(f"gelu must be one of {GELUS}, got {self.gelu!r}")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
         if self.embed_dim % self.num_heads != 0:
@@ -137,8 +142,8 @@ class Attention(nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads  # D_h = D / k
-        self.scale = self.head_dim**-0.5  # 1 / sqrt(D_h), Eq. 7
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # [q, k, v] = z U_qkv, Eq. 6
+        self.scale = self.head_dim**-0.5  # 1 / sqrt(D_h), Eq. 6
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # [q, k, v] = z U_qkv, Eq. 5
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)  # U_msa, Eq. 8
         self.proj_drop = nn.Dropout(proj_drop)
@@ -149,7 +154,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, D_h)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, D_h)
         if return_attention:
-            # Readable path, Eq. 7: A = softmax(q k^T / sqrt(D_h)), SA(z) = A v
+            # Readable path: A = softmax(q k^T / sqrt(D_h)) (Eq. 6), SA(z) = A v (Eq. 7)
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
             attn = attn.softmax(dim=-1)  # rows sum to 1
             x = self.attn_drop(attn) @ v  # (B, h, N, D_h)
@@ -159,18 +164,20 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
             )  # (B, h, N, D_h)
-        x = x.transpose(1, 2).reshape(B, N, D)  # concatenate heads: (B, N, D)
+        x = x.transpose(1, 2).reshape(B, N, D)  # concatenate heads, [SA_1; ...; SA_k] (Eq. 8): (B, N, D)
         x = self.proj_drop(self.proj(x))  # (B, N, D)
         return x, attn
 
 
 class MLP(nn.Module):
-    """Two dense layers with an exact (erf) GELU between them (Sec. 3.1)."""
+    """Two dense layers with a GELU between them (Sec. 3.1). gelu="erf" is the exact form (torchvision
+    and timm); "tanh" is the approximation that flax's nn.gelu uses by default, so the official JAX
+    models were trained with it."""
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, gelu: str = "erf") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()  # exact erf form, as the official models
+        self.act = nn.GELU(approximate="none" if gelu == "erf" else "tanh")
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
@@ -202,13 +209,13 @@ class Block(nn.Module):
     """One pre-norm Transformer encoder layer (Eq. 2-3)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0) -> None:
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, gelu: str = "erf") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop=drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), drop)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), drop, gelu)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -219,19 +226,21 @@ class Block(nn.Module):
 
 
 def sincos_pos_embed_2d(grid_size: int, dim: int, temperature: float = 10000.0) -> Tensor:
-    """Fixed 2D sine-cosine position embedding (Appendix D.4), shape (grid_size**2, dim).
+    """Fixed 2D sine-cosine position embedding, shape (grid_size**2, dim), as big_vision's
+    `posemb_sincos_2d` (later ViT work and MAE). Not one of the paper's variants: its "2-D" embedding
+    (Appendix D.4, Table 8) is learned, an X table and a Y table of D/2 each, concatenated.
 
-    A quarter of the channels each for sin(y), cos(y), sin(x), cos(x), at frequencies
-    1 / temperature^(i / (dim/4)), as in the official big_vision code.
+    A quarter of the channels each for sin(x), cos(x), sin(y), cos(y) (x: column, y: row), at the
+    frequencies 1 / temperature^(i / (dim/4 - 1)), i = 0 .. dim/4 - 1.
     """
-    if dim % 4 != 0:
-        raise ValueError(f"embed_dim must be divisible by 4 for sincos position embedding, got {dim}")
-    coords = torch.arange(grid_size, dtype=torch.float32)
+    if dim % 4 != 0 or dim < 8:
+        raise ValueError(f"embed_dim must be a multiple of 4 and at least 8 for sincos position embedding, got {dim}")
+    coords = torch.arange(grid_size, dtype=torch.float64)
     y, x = torch.meshgrid(coords, coords, indexing="ij")  # (g, g) each, row-major like the patches
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4 - 1))
     y = y.flatten()[:, None] * omega[None, :]  # (g*g, D/4)
     x = x.flatten()[:, None] * omega[None, :]  # (g*g, D/4)
-    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)  # (g*g, D)
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()  # (g*g, D)
 
 
 def resize_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 1,
@@ -281,7 +290,7 @@ class VisionTransformer(nn.Module):
 
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear rule
         self.blocks = nn.ModuleList([
-            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_rate, cfg.attn_drop_rate, dpr[i])
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_rate, cfg.attn_drop_rate, dpr[i], cfg.gelu)
             for i in range(cfg.depth)
         ])
         self.norm = nn.LayerNorm(D, eps=1e-6)  # LN before the head (Eq. 4)
@@ -302,13 +311,14 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialisation of the official JAX models (vit_jax/models_vit.py).
+        """Close to the official JAX models (vit_jax/models_vit.py), with two small differences of ours.
 
-        Linear weights: xavier-uniform, as the JAX Dense layers of the MLP and attention. q, k and v
+        As there: linear weights xavier-uniform (the Dense layers of the MLP and attention; q, k and v
         are separate D x D kernels in JAX, so each third of our fused qkv gets xavier-uniform of its
-        own fan (xavier on the whole (3D, D) matrix would give a smaller bound). Biases: zero.
-        Patch embedding: LeCun normal (flax Conv default). Position embedding: truncated normal,
-        std 0.02. [CLS]: zeros. Classification head: zeros, so training starts from uniform logits.
+        own fan, where xavier on the whole (3D, D) matrix would give a smaller bound); patch embedding
+        LeCun normal (flax Conv default); [CLS] zeros; classification head zeros, so training starts
+        from uniform logits. Ours: every bias zero (the official MLP biases are normal, std 1e-6),
+        and the position embedding a normal of std 0.02 truncated at 2 std (official: not truncated).
         """
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -617,7 +627,8 @@ def _config_from_state_dict(sd: Mapping[str, Tensor], **overrides: Any) -> ViTCo
 
 
 def load_jax_npz(path: str, **overrides: Any) -> VisionTransformer:
-    """Build a model from a Google `.npz` checkpoint (github.com/google-research/vision_transformer)."""
+    """Build a model from a Google `.npz` checkpoint (github.com/google-research/vision_transformer),
+    with the tanh GELU those models were trained with (pass gelu="erf" for the exact form)."""
     import zipfile
 
     import numpy as np
@@ -635,7 +646,7 @@ def load_jax_npz(path: str, **overrides: Any) -> VisionTransformer:
     except KeyError as e:
         raise ValueError(f"{path} is not a Google ViT checkpoint: it has no array {e} "
                          f"(found {sorted(arrays)[:5]}...)") from e
-    model = VisionTransformer(_config_from_state_dict(sd, **overrides))
+    model = VisionTransformer(_config_from_state_dict(sd, **{"gelu": "tanh", **overrides}))
     load_state_dict_checked(model, sd, skip_head="head.weight" not in sd)
     return model
 

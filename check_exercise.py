@@ -1,0 +1,304 @@
+"""Check a hand-written ViT against vit_model.py, module by module:
+
+    python check_exercise.py                  # exercise_vit.py, the skeleton to fill in
+    python check_exercise.py my_vit.py        # any file defining the five classes
+    python check_exercise.py vit_model.py     # the reference itself: everything passes
+
+For PatchEmbed, Attention, MLP, Block and VisionTransformer in turn, the reference's weights are
+copied into the student's module (same attribute names), both get the same random input, and the
+outputs must agree to 1e-5. The first module that fails stops the check, with what differs (shape or
+values) and, when the output matches a known mistake (computed here from the same weights), a hint
+for it. The report is in Chinese, like the guide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import vit_model as ref
+
+TOL = 1e-5
+NAMES = ("PatchEmbed", "Attention", "MLP", "Block", "VisionTransformer")
+# The small model every check uses: 8x8 images, 4x4 patches (N = 4), D = 8, 2 heads, M = 16.
+IMG, PATCH, CH, DIM, HEADS, RATIO, DEPTH, CLASSES, BATCH = 8, 4, 3, 8, 2, 2.0, 2, 5, 2
+
+
+@dataclass
+class Result:
+    name: str
+    ok: bool
+    message: str
+    hint: str = ""
+    mistakes: list[str] = field(default_factory=list)  # keys of the known mistakes the output matches
+
+
+def load_module(path: str | Path) -> ModuleType:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"找不到文件 {path}")
+    spec = importlib.util.spec_from_file_location(f"student_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look their module up there
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# Known mistakes: each is the module's output computed the wrong way, from the reference weights
+# --------------------------------------------------------------------------------------------
+
+def _attention(m: nn.Module, x: Tensor, scale: float | None = None, softmax_dim: int = -1,
+               split_heads: bool = True, merge_heads: bool = True) -> Tensor:
+    B, T, D = x.shape
+    h, dh = m.num_heads, D // m.num_heads
+    q, k, v = m.qkv(x).chunk(3, dim=-1)  # 3 x (B, T, D)
+    if split_heads:
+        q, k, v = (t.reshape(B, T, h, dh).transpose(1, 2) for t in (q, k, v))  # (B, h, T, D_h)
+    else:
+        q, k, v = (t.reshape(B, h, T, dh) for t in (q, k, v))  # heads cut across tokens
+    a = (q @ k.transpose(-2, -1) * (dh**-0.5 if scale is None else scale)).softmax(softmax_dim)
+    o = a @ v  # (B, h, T, D_h)
+    o = o.transpose(1, 2).reshape(B, T, D) if merge_heads else o.reshape(B, T, D)
+    return m.proj(o)
+
+
+def _block(m: nn.Module, x: Tensor, form: str) -> Tensor:
+    attn = lambda z: m.attn(z)[0]  # noqa: E731
+    if form == "post_norm":
+        x = m.norm1(x + attn(x))
+        return m.norm2(x + m.mlp(x))
+    if form == "no_attn_residual":
+        x = attn(m.norm1(x))
+        return x + m.mlp(m.norm2(x))
+    if form == "no_mlp_residual":
+        x = x + attn(m.norm1(x))
+        return m.mlp(m.norm2(x))
+    if form == "no_norm":
+        x = x + attn(x)
+        return x + m.mlp(x)
+    raise ValueError(form)
+
+
+def _vit(m: nn.Module, x: Tensor, form: str) -> Tensor:
+    z = m.patch_embed(x)  # (B, N, D)
+    cls = m.cls_token.expand(len(z), -1, -1)
+    if form in ("no_cls", "no_cls_mean"):
+        z = z + m.pos_embed[:, 1:]
+    elif form == "no_pos":
+        z = torch.cat([cls, z], dim=1)
+    elif form == "cls_appended":
+        z = torch.cat([z, cls], dim=1) + m.pos_embed
+    else:
+        z = torch.cat([cls, z], dim=1) + m.pos_embed
+    for blk in m.blocks:
+        z = blk(z)[0]
+    if form == "no_final_norm":
+        return m.head(z[:, 0])
+    z = m.norm(z)
+    pooled = z.mean(1) if form in ("mean_tokens", "no_cls_mean") else z[:, -1] if form == "last_token" else z[:, 0]
+    return m.head(pooled)
+
+
+MISTAKES: dict[str, list[tuple[str, Callable[[nn.Module, Tensor], Tensor], str]]] = {
+    "PatchEmbed": [
+        ("no_transpose", lambda m, x: m.proj(x).flatten(2),
+         "输出是 (B, D, N)：flatten(2) 之后还要 transpose(1, 2)，每个 patch 一行"),
+        ("column_major", lambda m, x: m.proj(x).transpose(2, 3).flatten(2).transpose(1, 2),
+         "patch 的顺序按列排了：论文和参考实现按行优先（先第 0 行从左到右，再第 1 行），不要交换 H、W"),
+    ],
+    "Attention": [
+        ("no_scale", lambda m, x: _attention(m, x, scale=1.0),
+         "打分没有除以 √D_h（公式 6：softmax(q kᵀ / √D_h)）"),
+        ("scale_sqrt_d", lambda m, x: _attention(m, x, scale=x.shape[-1] ** -0.5),
+         "除的是 √D，应当除以每个头的维度的平方根 √D_h = √(D / k)"),
+        ("scale_times", lambda m, x: _attention(m, x, scale=(x.shape[-1] // m.num_heads) ** 0.5),
+         "打分乘了 √D_h，应当是除以 √D_h"),
+        ("softmax_axis", lambda m, x: _attention(m, x, softmax_dim=-2),
+         "softmax 的维度不对：要对最后一维（key）归一化，使注意力矩阵每一行加起来为 1"),
+        ("split_heads", lambda m, x: _attention(m, x, split_heads=False),
+         "拆头的方式不对：(B, T, D) 要先 reshape 成 (B, T, k, D_h) 再 transpose(1, 2)，"
+         "直接 reshape 成 (B, k, T, D_h) 会把不同 token 的数混进一个头"),
+        ("merge_heads", lambda m, x: _attention(m, x, merge_heads=False),
+         "合并各头的方式不对：(B, k, T, D_h) 要先 transpose(1, 2) 成 (B, T, k, D_h) 再 reshape 成 (B, T, D)"),
+        ("split_and_merge", lambda m, x: _attention(m, x, split_heads=False, merge_heads=False),
+         "拆头与合并都少了 transpose：reshape 只改变形状，不会把 token 维和头维交换"),
+    ],
+    "MLP": [
+        ("relu", lambda m, x: m.fc2(F.relu(m.fc1(x))), "激活函数用了 ReLU，论文用 GELU（第 3.1 节）"),
+        ("gelu_tanh", lambda m, x: m.fc2(F.gelu(m.fc1(x), approximate="tanh")),
+         "用了 tanh 近似的 GELU；参考实现（与 torchvision、timm 相同）是精确的 erf 形式 nn.GELU()"),
+        ("no_activation", lambda m, x: m.fc2(m.fc1(x)),
+         "两个线性层之间少了 GELU：没有激活函数，两层合起来只是一个线性变换"),
+    ],
+    "Block": [
+        ("post_norm", lambda m, x: _block(m, x, "post_norm"),
+         "用了 post-norm（原始 Transformer 的 LN(z + Sublayer(z))）；ViT 是 pre-norm：z' = MSA(LN(z)) + z（公式 2-3）"),
+        ("no_attn_residual", lambda m, x: _block(m, x, "no_attn_residual"),
+         "注意力那一支少了残差连接：公式 2 是 z' = MSA(LN(z)) + z"),
+        ("no_mlp_residual", lambda m, x: _block(m, x, "no_mlp_residual"),
+         "MLP 那一支少了残差连接：公式 3 是 z = MLP(LN(z')) + z'"),
+        ("no_norm", lambda m, x: _block(m, x, "no_norm"), "两个子层之前都没有 LayerNorm（norm1、norm2）"),
+    ],
+    "VisionTransformer": [
+        ("no_cls", lambda m, x: _vit(m, x, "no_cls"),
+         "没有在序列前面拼接 [CLS] token（公式 1 的 x_class），分类用的第 0 个 token 其实是第一个 patch"),
+        ("no_cls_mean", lambda m, x: _vit(m, x, "no_cls_mean"),
+         "没有在序列前面拼接 [CLS] token（公式 1 的 x_class），而是对 patch 取平均；这个练习要 [CLS] 的输出 z_L^0"),
+        ("cls_appended", lambda m, x: _vit(m, x, "cls_appended"),
+         "[CLS] 拼在了序列末尾：它应当是第 0 个 token，位置编码的第 0 行属于它"),
+        ("no_pos", lambda m, x: _vit(m, x, "no_pos"), "没有加位置编码 E_pos（公式 1）"),
+        ("last_token", lambda m, x: _vit(m, x, "last_token"),
+         "分类用了最后一个 token；应当用 [CLS] 的输出 z_L^0（公式 4）"),
+        ("mean_tokens", lambda m, x: _vit(m, x, "mean_tokens"),
+         "分类用了所有 token 的平均（那是 GAP，附录 D.3）；这个练习用 [CLS] 的输出 z_L^0（公式 4）"),
+        ("no_final_norm", lambda m, x: _vit(m, x, "no_final_norm"),
+         "分类头之前少了最后的 LayerNorm（公式 4：y = LN(z_L^0)）"),
+    ],
+}
+
+GENERAL_HINTS = {
+    "PatchEmbed": "检查卷积的 kernel_size 和 stride 是否都等于 patch_size，以及 flatten(2).transpose(1, 2)。",
+    "Attention": "检查 qkv 的切分（[q | k | v]，各 D 列）、缩放 1/√D_h、softmax 的维度、"
+                 "拆头和合并头时的 transpose、输出投影 proj。",
+    "MLP": "检查 fc1 → GELU → fc2 的顺序。",
+    "Block": "检查 pre-norm 的顺序（norm1 → attn → 加残差，norm2 → mlp → 加残差），以及 LayerNorm 的 eps=1e-6。",
+    "VisionTransformer": "检查 [CLS] 的拼接位置、位置编码的加法、每个 Block、最后的 norm 和取第 0 个 token。",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The checks
+# --------------------------------------------------------------------------------------------
+
+def _build(name: str, cls: type) -> nn.Module:
+    if name == "PatchEmbed":
+        return cls(IMG, PATCH, CH, DIM)
+    if name == "Attention":
+        return cls(DIM, HEADS)
+    if name == "MLP":
+        return cls(DIM, int(DIM * RATIO))
+    if name == "Block":
+        return cls(DIM, HEADS, RATIO)
+    return cls(img_size=IMG, patch_size=PATCH, in_chans=CH, num_classes=CLASSES, embed_dim=DIM, depth=DEPTH,
+               num_heads=HEADS, mlp_ratio=RATIO)
+
+
+def _input(name: str) -> Tensor:
+    g = torch.Generator().manual_seed(1)
+    if name in ("PatchEmbed", "VisionTransformer"):
+        return torch.randn(BATCH, CH, IMG, IMG, generator=g)
+    return torch.randn(BATCH, (IMG // PATCH) ** 2 + 1, DIM, generator=g)
+
+
+def _output(module: nn.Module, x: Tensor) -> Tensor:
+    out = module(x)
+    return out[0] if isinstance(out, tuple) else out  # the reference also returns attention weights
+
+
+def _where(exc: BaseException, path: Path) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    return f"（{path.name} 第 {frames[-1].lineno} 行）" if frames else ""
+
+
+def check_one(name: str, student: ModuleType, path: Path) -> Result:
+    cls = getattr(student, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        return Result(name, False, f"{path.name} 里没有 nn.Module 子类 {name}")
+    torch.manual_seed(0)
+    reference = _build(name, getattr(ref, name)).eval()
+    with torch.no_grad():  # random, non-zero values everywhere, so that no mistake hides behind a zero
+        for p in reference.parameters():
+            p.normal_(0, 0.5)
+    try:
+        mine = _build(name, cls).eval()
+    except NotImplementedError:
+        return Result(name, False, "还没有实现（__init__ 里是 raise NotImplementedError）")
+    except Exception as e:
+        return Result(name, False, f"构造 {name} 时出错{_where(e, path)}：{type(e).__name__}: {e}")
+    theirs, ours = mine.state_dict(), reference.state_dict()
+    missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    shapes = [f"{k}: 应为 {tuple(ours[k].shape)}，实际 {tuple(theirs[k].shape)}"
+              for k in sorted(ours.keys() & theirs.keys()) if ours[k].shape != theirs[k].shape]
+    if missing or extra or shapes:
+        parts = ([f"缺少参数 {missing}"] if missing else []) + ([f"多出参数 {extra}"] if extra else []) + shapes
+        return Result(name, False, "参数名或形状与参考实现不同：" + "；".join(parts),
+                      "属性名要与 exercise_vit.py 的说明一致（proj、qkv、fc1、fc2、norm1、attn、norm2、mlp、"
+                      "patch_embed、cls_token、pos_embed、blocks、norm、head）")
+    mine.load_state_dict(ours)
+    x = _input(name)
+    with torch.no_grad():
+        expected = _output(reference, x)
+        try:
+            got = _output(mine, x)
+        except NotImplementedError:
+            return Result(name, False, "还没有实现（forward 里是 raise NotImplementedError）")
+        except Exception as e:
+            return Result(name, False, f"前向计算出错{_where(e, path)}：{type(e).__name__}: {e}")
+        if not isinstance(got, Tensor):
+            return Result(name, False, f"forward 应返回张量，实际返回 {type(got).__name__}")
+        matched = [(key, hint) for key, fn, hint in MISTAKES[name]
+                   if (w := fn(reference, x)).shape == got.shape and torch.allclose(w, got, atol=1e-4, rtol=1e-4)]
+    if got.shape != expected.shape:
+        return Result(name, False, f"输出形状不对：应为 {tuple(expected.shape)}，实际 {tuple(got.shape)}",
+                      matched[0][1] if matched else GENERAL_HINTS[name], [k for k, _ in matched])
+    err = (got - expected).abs().max().item()
+    if err > TOL:
+        return Result(name, False, f"输出数值不对：形状正确 {tuple(got.shape)}，"
+                                   f"与参考实现的最大差 {err:.3g}（允许 {TOL:g}）",
+                      matched[0][1] if matched else GENERAL_HINTS[name], [k for k, _ in matched])
+    return Result(name, True, f"通过（形状 {tuple(got.shape)}，最大差 {err:.1e}）")
+
+
+def check(path: str | Path) -> list[Result]:
+    """Check the five modules in order; stop at the first that fails."""
+    path = Path(path)
+    try:
+        student = load_module(path)
+    except NotImplementedError:
+        return [Result("import", False, f"导入 {path.name} 时就遇到了 NotImplementedError："
+                                        "不要在模块顶层调用未实现的代码")]
+    except Exception as e:
+        return [Result("import", False, f"无法导入 {path}：{type(e).__name__}: {e}")]
+    results = []
+    for name in NAMES:
+        results.append(check_one(name, student, path))
+        if not results[-1].ok:
+            break
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", nargs="?", default="exercise_vit.py",
+                   help="a Python file that defines PatchEmbed, Attention, MLP, Block and VisionTransformer")
+    args = p.parse_args(argv)
+    results = check(args.file)
+    for r in results:
+        print(f"{'✓' if r.ok else '✗'} {r.name}：{r.message}")
+        if r.hint:
+            print(f"  提示：{r.hint}")
+    passed = sum(r.ok for r in results)
+    if passed == len(NAMES):
+        print(f"全部 {len(NAMES)} 个模块都与参考实现一致。")
+        return 0
+    print(f"{passed}/{len(NAMES)} 个模块通过；改好上面这一个再运行一次。")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The exercise checker: the reference passes, the skeleton fails cleanly, and each common mistake,
+written as a small mutated implementation, is caught at the right module with the right hint."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import check_exercise as ce
+
+HERE = Path(__file__).resolve().parent
+HEADER = """\
+import torch
+import torch.nn.functional as F
+from vit_model import MLP, Attention, Block, PatchEmbed, VisionTransformer
+"""
+
+ATTENTION = """\
+class Attention(Attention):
+    def forward(self, x, return_attention=False):
+        B, T, D = x.shape
+        h, dh = self.num_heads, D // self.num_heads
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = ({split} for t in (q, k, v))
+        a = (q @ k.transpose(-2, -1) {scale}).softmax({axis})
+        o = a @ v
+        return self.proj({merge})
+"""
+GOOD = dict(split="t.reshape(B, T, h, dh).transpose(1, 2)", scale="/ dh ** 0.5", axis="-1",
+            merge="o.transpose(1, 2).reshape(B, T, D)")
+
+BLOCK = """\
+class Block(Block):
+    def forward(self, x, return_attention=False):
+        {body}
+        return x
+"""
+
+VIT = """\
+class VisionTransformer(VisionTransformer):
+    def forward(self, x):
+        z = self.patch_embed(x)
+        cls = self.cls_token.expand(len(z), -1, -1)
+        {embed}
+        for blk in self.blocks:
+            z = blk(z)[0]
+        return self.head({pool})
+"""
+
+MUTANTS = {
+    "no_transpose": ("PatchEmbed", """\
+class PatchEmbed(PatchEmbed):
+    def forward(self, x):
+        return self.proj(x).flatten(2)
+"""),
+    "no_scale": ("Attention", ATTENTION.format(**{**GOOD, "scale": ""})),
+    "scale_sqrt_d": ("Attention", ATTENTION.format(**{**GOOD, "scale": "/ D ** 0.5"})),
+    "softmax_axis": ("Attention", ATTENTION.format(**{**GOOD, "axis": "-2"})),
+    "split_heads": ("Attention", ATTENTION.format(**{**GOOD, "split": "t.reshape(B, h, T, dh)"})),
+    "merge_heads": ("Attention", ATTENTION.format(**{**GOOD, "merge": "o.reshape(B, T, D)"})),
+    "relu": ("MLP", """\
+class MLP(MLP):
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+"""),
+    "post_norm": ("Block", BLOCK.format(body="x = self.norm1(x + self.attn(x)[0]); x = self.norm2(x + self.mlp(x))")),
+    "no_attn_residual": ("Block", BLOCK.format(
+        body="x = self.attn(self.norm1(x))[0]; x = x + self.mlp(self.norm2(x))")),
+    "no_mlp_residual": ("Block", BLOCK.format(
+        body="x = x + self.attn(self.norm1(x))[0]; x = self.mlp(self.norm2(x))")),
+    "no_cls": ("VisionTransformer", VIT.format(embed="z = z + self.pos_embed[:, 1:]", pool="self.norm(z)[:, 0]")),
+    "no_pos": ("VisionTransformer", VIT.format(embed="z = torch.cat([cls, z], 1)", pool="self.norm(z)[:, 0]")),
+    "last_token": ("VisionTransformer", VIT.format(embed="z = torch.cat([cls, z], 1) + self.pos_embed",
+                                                   pool="self.norm(z)[:, -1]")),
+    "mean_tokens": ("VisionTransformer", VIT.format(embed="z = torch.cat([cls, z], 1) + self.pos_embed",
+                                                    pool="self.norm(z).mean(1)")),
+}
+
+
+def write(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / f"{name}.py"
+    path.write_text(HEADER + "\n\n" + textwrap.dedent(body))
+    return path
+
+
+def test_the_reference_passes_every_module(capsys):
+    results = ce.check(HERE / "vit_model.py")
+    assert [r.name for r in results] == list(ce.NAMES) and all(r.ok for r in results)
+    assert ce.main([str(HERE / "vit_model.py")]) == 0
+    assert "全部 5 个模块都与参考实现一致" in capsys.readouterr().out
+
+
+def test_the_skeleton_fails_cleanly(capsys):
+    results = ce.check(HERE / "exercise_vit.py")
+    assert len(results) == 1 and not results[0].ok and results[0].name == "PatchEmbed"
+    assert "还没有实现" in results[0].message
+    assert ce.main([str(HERE / "exercise_vit.py")]) == 1
+    assert "0/5 个模块通过" in capsys.readouterr().out
+
+
+def test_a_correct_rewrite_passes(tmp_path):
+    """The attention written differently from the reference (chunk, not one reshape) is still right."""
+    results = ce.check(write(tmp_path, "good", ATTENTION.format(**GOOD)))
+    assert all(r.ok for r in results) and len(results) == 5
+
+
+@pytest.mark.parametrize("mistake", sorted(MUTANTS))
+def test_each_common_mistake_is_caught_with_its_hint(tmp_path, mistake):
+    module, body = MUTANTS[mistake]
+    results = ce.check(write(tmp_path, mistake, body))
+    *passed, failed = results
+    assert all(r.ok for r in passed) and failed.name == module and not failed.ok
+    assert failed.mistakes == [mistake], (failed.message, failed.mistakes)
+    hint = next(h for key, _, h in ce.MISTAKES[module] if key == mistake)
+    assert failed.hint == hint
+
+
+def test_errors_in_the_students_code_are_reported_not_raised(tmp_path):
+    crash = write(tmp_path, "crash", """\
+class Attention(Attention):
+    def forward(self, x, return_attention=False):
+        return x @ torch.ones(3, 3)
+""")
+    *_, failed = ce.check(crash)
+    assert failed.name == "Attention" and "前向计算出错（crash.py 第" in failed.message and "RuntimeError" in failed.message
+    renamed = write(tmp_path, "renamed", """\
+class MLP(torch.nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.linear1, self.linear2 = torch.nn.Linear(dim, hidden_dim), torch.nn.Linear(hidden_dim, dim)
+""")
+    *_, failed = ce.check(renamed)
+    assert failed.name == "MLP" and "缺少参数 ['fc1.bias', 'fc1.weight'" in failed.message
+    assert ce.check(tmp_path / "missing.py")[0].message.startswith("无法导入")
