@@ -124,7 +124,8 @@ class Attention(Attention):
         return x @ torch.ones(3, 3)
 """)
     *_, failed = ce.check(crash)
-    assert failed.name == "Attention" and "前向计算出错（crash.py 第" in failed.message and "RuntimeError" in failed.message
+    assert failed.name == "Attention" and "前向计算出错（crash.py 第" in failed.message
+    assert "RuntimeError" in failed.message
     renamed = write(tmp_path, "renamed", """\
 class MLP(torch.nn.Module):
     def __init__(self, dim, hidden_dim):
