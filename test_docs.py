@@ -135,3 +135,25 @@ def test_worked_attention_example_is_what_the_code_computes():
         torch.testing.assert_close(doc[name], value, atol=6e-5, rtol=0, msg=name)
     concat = torch.cat([doc["SA"][0], doc["SA"][1]], dim=-1)  # (T, D): the two heads side by side
     torch.testing.assert_close(concat, out[0], atol=6e-5, rtol=0)
+
+
+def test_uniform_attention_distances_match_the_code():
+    from visualize_attention import uniform_attention_distance
+
+    (table,) = checked_tables("uniform-distance")
+    for name, img, patch, grid, pixels in table:
+        g, P = int(grid.split("×")[0]), int(patch)
+        assert g * P == int(img), name
+        assert number(pixels) == round(uniform_attention_distance(g, P), 1), name
+
+
+def test_stated_ratios_and_differences():
+    # vit_architecture.md section 9: attention / linear FLOPs per block = T / (6D), e.g. 577 / 4608 for B/16 at 384
+    for model in (vit_base(img_size=384), vit_base(), vit_cifar("vit_cifar_base")):
+        cfg = model.config
+        f = estimate_flops(cfg)
+        assert f["blocks_attention"] / f["blocks_linear"] == pytest.approx(cfg.num_tokens / (6 * cfg.embed_dim))
+    # section 4.2: the erf and tanh forms of GELU differ by at most 4.7e-4, at x = -2.7
+    x = torch.linspace(-6, 6, 12001, dtype=torch.float64)
+    diff = (torch.nn.functional.gelu(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs()
+    assert round(diff.max().item(), 5) == 0.00047 and round(x[diff.argmax()].item(), 1) == -2.7

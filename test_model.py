@@ -92,10 +92,15 @@ def test_paper_parameter_counts(factory, expected):
 
 @pytest.mark.parametrize("D", [768, 1024, 1280, 192])
 def test_block_parameter_formula(D):
-    # qkv: 3D^2 + 3D, proj: D^2 + D, fc1: 4D^2 + 4D, fc2: 4D^2 + D, two LayerNorms: 4D
-    with torch.device("meta"):
-        block = Block(D, num_heads=D // 64)
-    assert n_params(block) == 12 * D * D + 13 * D
+    # qkv: 3D^2 + 3D, proj: D^2 + D, fc1: DM + M, fc2: MD + D, two LayerNorms: 4D -> 4D^2 + 2DM + 9D + M
+    for ratio, closed_form in ((4.0, 12 * D * D + 13 * D), (2.0, 8 * D * D + 11 * D)):
+        M = int(D * ratio)
+        with torch.device("meta"):
+            block = Block(D, num_heads=D // 64, mlp_ratio=ratio)
+        weights = sum(p.numel() for name, p in block.named_parameters() if name.endswith("weight"))
+        assert weights == 4 * D * D + 2 * D * M + 2 * D  # the guide's table, column by column
+        assert n_params(block) - weights == 7 * D + M
+        assert n_params(block) == 4 * D * D + 2 * D * M + 9 * D + M == closed_form
 
 
 def test_total_parameter_formula_for_every_preset():

@@ -6,6 +6,7 @@
     python train_cifar10.py --resume checkpoints/RUN/last.pt          # continue exactly
     python train_cifar10.py --resume checkpoints/RUN/last.pt --epochs 60   # extend: the decay is re-planned
     python train_cifar10.py --eval-only checkpoints/RUN/best.pt       # accuracy + confusion matrix
+    python train_cifar10.py --eval-only checkpoints/RUN/best.pt --export checkpoints/my_model.pt  # + weights, card
 
 Settings come from TrainConfig's defaults, then the --preset, then the flags given; the effective
 configuration is printed at start and stored in every checkpoint and in the W&B run. A resumed run

@@ -2,7 +2,8 @@
 
 Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale",
 ICLR 2021. Equation numbers (Eq. 1-4 in Sec. 3.1, Eq. 5-8 in Appendix A), sections and appendices
-refer to that paper.
+refer to that paper. Shapes: B batch, N = HW/P^2 patches (the paper's N), T tokens through the
+encoder (N + 1 with [CLS], N with global average pooling), D = embed_dim, h heads, D_h = D / h.
 
     x -> PatchEmbed (Eq. 1) -> [CLS; patches] + pos_embed (Eq. 1)
       -> depth x Block (Eq. 2-3) -> LayerNorm -> CLS output or mean (Eq. 4) -> head
@@ -87,7 +88,7 @@ class ViTConfig:
 
     @property
     def num_tokens(self) -> int:
-        """Sequence length N through the encoder: patches plus [CLS] if used."""
+        """Sequence length T through the encoder: patches plus [CLS] if used."""
         return self.num_patches + (1 if self.classifier == "token" else 0)
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,23 +150,23 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Returns the output (B, N, D) and, if asked, the attention weights (B, heads, N, N)."""
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, D_h)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, D_h)
+        """Returns the output (B, T, D) and, if asked, the attention weights (B, heads, T, T)."""
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, h, D_h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, D_h)
         if return_attention:
             # Readable path: A = softmax(q k^T / sqrt(D_h)) (Eq. 6), SA(z) = A v (Eq. 7)
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, T, T)
             attn = attn.softmax(dim=-1)  # rows sum to 1
-            x = self.attn_drop(attn) @ v  # (B, h, N, D_h)
+            x = self.attn_drop(attn) @ v  # (B, h, T, D_h)
         else:
-            # Fused kernel (flash / memory-efficient): same maths, no (N, N) matrix kept
+            # Fused kernel (flash / memory-efficient): same maths, no (T, T) matrix kept
             attn = None
             x = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
-            )  # (B, h, N, D_h)
-        x = x.transpose(1, 2).reshape(B, N, D)  # concatenate heads, [SA_1; ...; SA_k] (Eq. 8): (B, N, D)
-        x = self.proj_drop(self.proj(x))  # (B, N, D)
+            )  # (B, h, T, D_h)
+        x = x.transpose(1, 2).reshape(B, T, D)  # concatenate heads, [SA_1; ...; SA_k] (Eq. 8): (B, T, D)
+        x = self.proj_drop(self.proj(x))  # (B, T, D)
         return x, attn
 
 
@@ -183,8 +184,8 @@ class MLP(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.drop1(self.act(self.fc1(x)))  # (B, N, mlp_dim)
-        return self.drop2(self.fc2(x))  # (B, N, D)
+        x = self.drop1(self.act(self.fc1(x)))  # (B, T, mlp_dim)
+        return self.drop2(self.fc2(x))  # (B, T, D)
 
 
 class DropPath(nn.Module):
@@ -222,7 +223,7 @@ class Block(nn.Module):
         y, attn = self.attn(self.norm1(x), return_attention)
         x = x + self.drop_path1(y)  # Eq. 2: z'_l = MSA(LN(z_{l-1})) + z_{l-1}
         x = x + self.drop_path2(self.mlp(self.norm2(x)))  # Eq. 3: z_l = MLP(LN(z'_l)) + z'_l
-        return x, attn  # (B, N, D), (B, h, N, N) or None
+        return x, attn  # (B, T, D), (B, h, T, T) or None
 
 
 def sincos_pos_embed_2d(grid_size: int, dim: int, temperature: float = 10000.0) -> Tensor:
@@ -251,7 +252,7 @@ def resize_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 
     patch embeddings is resized to new_grid x new_grid. Returns (1, num_prefix_tokens + new_grid**2, D).
     """
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise ValueError(f"expected pos_embed of shape (1, N, D), got {tuple(pos_embed.shape)}")
+        raise ValueError(f"expected pos_embed of shape (1, T, D), got {tuple(pos_embed.shape)}")
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old_grid = math.isqrt(grid.shape[1])
     if old_grid**2 != grid.shape[1]:
@@ -265,7 +266,7 @@ def resize_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 
 
 class VisionTransformer(nn.Module):
     """ViT (Sec. 3.1). `forward(x)` gives logits; `forward(x, return_attention=True)` also gives
-    every layer's attention weights, a list of `depth` tensors of shape (B, heads, N, N)."""
+    every layer's attention weights, a list of `depth` tensors of shape (B, heads, T, T)."""
 
     def __init__(self, config: ViTConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
@@ -307,7 +308,7 @@ class VisionTransformer(nn.Module):
         pe = sincos_pos_embed_2d(grid_size, self.embed_dim)  # (g*g, D)
         if self.num_prefix_tokens:
             pe = torch.cat([pe.new_zeros(self.num_prefix_tokens, self.embed_dim), pe])  # CLS slot: 0
-        return pe.unsqueeze(0)  # (1, N, D)
+        return pe.unsqueeze(0)  # (1, T, D)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -347,27 +348,27 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: Tensor, return_attention: bool = False
                          ) -> tuple[Tensor, list[Tensor]]:
-        """(B, C, H, W) -> normalised tokens (B, N, D) and the per-layer attention (if asked)."""
+        """(B, C, H, W) -> normalised tokens (B, T, D) and the per-layer attention (if asked)."""
         grid = x.shape[-1] // self.patch_embed.patch_size
-        x = self.patch_embed(x)  # (B, N_p, D), Eq. 1
+        x = self.patch_embed(x)  # (B, N, D), Eq. 1
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N_p + 1, D)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N + 1, D)
         if self.pos_embed is not None:
-            x = x + self._pos_embed_at(grid)  # (B, N, D), Eq. 1
+            x = x + self._pos_embed_at(grid)  # (B, T, D), Eq. 1
         x = self.pos_drop(x)
         if self.training and self.patch_drop_rate > 0:
-            x = self._patch_dropout(x)  # (B, N', D), N' < N
+            x = self._patch_dropout(x)  # (B, T', D), T' < T
         attentions = []
         for blk in self.blocks:
-            x, attn = blk(x, return_attention)  # (B, N, D), Eq. 2-3
+            x, attn = blk(x, return_attention)  # (B, T, D), Eq. 2-3
             if return_attention:
-                attentions.append(attn)  # (B, h, N, N)
-        return self.norm(x), attentions  # (B, N, D)
+                attentions.append(attn)  # (B, h, T, T)
+        return self.norm(x), attentions  # (B, T, D)
 
     def _pos_embed_at(self, grid: int) -> Tensor:
         """E_pos for a grid x grid patch grid: the model's own, or for another grid (dynamic_img_size)
         the learned one 2D-interpolated (Sec. 3.2; differentiable, so training updates the original)
-        or the fixed one recomputed. Returns (1, N, D)."""
+        or the fixed one recomputed. Returns (1, T, D)."""
         if grid == self.patch_embed.grid_size:
             return self.pos_embed
         if isinstance(self.pos_embed, nn.Parameter):
@@ -388,7 +389,7 @@ class VisionTransformer(nn.Module):
         return torch.cat([prefix, patches], dim=1)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Normalised tokens (B, N, D) -> logits (B, num_classes), Eq. 4."""
+        """Normalised tokens (B, T, D) -> logits (B, num_classes), Eq. 4."""
         x = x[:, 0] if self.config.classifier == "token" else x.mean(dim=1)  # (B, D): y = LN(z_L^0)
         x = self.pre_logits(x)  # (B, representation_size) or (B, D)
         return x if pre_logits else self.head(x)  # (B, num_classes)
@@ -400,7 +401,7 @@ class VisionTransformer(nn.Module):
         return (logits, attentions) if return_attention else logits
 
     def get_attention_maps(self, x: Tensor) -> list[Tensor]:
-        """Every layer's attention weights, `depth` tensors of shape (B, heads, N, N)."""
+        """Every layer's attention weights, `depth` tensors of shape (B, heads, T, T)."""
         return self.forward_features(x, return_attention=True)[1]
 
     def set_image_size(self, img_size: int) -> None:
@@ -481,14 +482,14 @@ def vit_cifar(name: str = "vit_cifar_small", num_classes: int = 10, **kwargs: An
 def estimate_flops(cfg: ViTConfig) -> dict[str, int]:
     """Forward-pass FLOPs for one image, counting a multiply-add as 2 (matrix products only).
 
-    With N tokens, D channels, MLP size M, patches N_p of C*P*P values:
-      patch embedding 2 N_p (C P^2) D;  per block: qkv 6 N D^2, scores Q K^T 2 N^2 D,
-      weighted sum A V 2 N^2 D, output projection 2 N D^2, MLP 4 N D M;  head 2 D K.
-    The N^2 terms are the quadratic cost of attention.
+    With T tokens through the encoder, D channels, MLP size M, N patches of C*P*P values:
+      patch embedding 2 N (C P^2) D;  per block: qkv 6 T D^2, scores Q K^T 2 T^2 D,
+      weighted sum A V 2 T^2 D, output projection 2 T D^2, MLP 4 T D M;  head 2 D K.
+    The T^2 terms are the quadratic cost of attention.
     """
-    N, D, M = cfg.num_tokens, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
-    linear = 8 * N * D * D + 4 * N * D * M  # qkv + proj + fc1 + fc2
-    attention = 4 * N * N * D  # Q K^T and A V
+    T, D, M = cfg.num_tokens, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    linear = 8 * T * D * D + 4 * T * D * M  # qkv + proj + fc1 + fc2
+    attention = 4 * T * T * D  # Q K^T and A V
     out = {
         "patch_embed": 2 * cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * D,
         "blocks_linear": cfg.depth * linear,
@@ -548,7 +549,7 @@ def convert_torchvision_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str
     """Rename a torchvision `VisionTransformer` state dict (vit_b_16, ...) to this model's names."""
     out = {
         "cls_token": state_dict["class_token"],  # (1, 1, D)
-        "pos_embed": state_dict["encoder.pos_embedding"],  # (1, N, D)
+        "pos_embed": state_dict["encoder.pos_embedding"],  # (1, T, D)
         "patch_embed.proj.weight": state_dict["conv_proj.weight"],  # (D, C, P, P)
         "patch_embed.proj.bias": state_dict["conv_proj.bias"],
         "norm.weight": state_dict["encoder.ln.weight"],
@@ -583,7 +584,7 @@ def convert_jax_state_dict(arrays: Mapping[str, Any]) -> dict[str, Tensor]:
     t = {k: torch.as_tensor(v).float() for k, v in arrays.items()}
     out = {
         "cls_token": t["cls"],  # (1, 1, D)
-        "pos_embed": t["Transformer/posembed_input/pos_embedding"],  # (1, N, D)
+        "pos_embed": t["Transformer/posembed_input/pos_embedding"],  # (1, T, D)
         "patch_embed.proj.weight": t["embedding/kernel"].permute(3, 2, 0, 1),  # (D, C, P, P)
         "patch_embed.proj.bias": t["embedding/bias"],
         "norm.weight": t["Transformer/encoder_norm/scale"],
