@@ -157,3 +157,13 @@ def test_stated_ratios_and_differences():
     x = torch.linspace(-6, 6, 12001, dtype=torch.float64)
     diff = (torch.nn.functional.gelu(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs()
     assert round(diff.max().item(), 5) == 0.00047 and round(x[diff.argmax()].item(), 1) == -2.7
+
+
+def test_the_307m_paragraph_counts():
+    text = DOCS[0].read_text(encoding="utf-8")
+    with torch.device("meta"):
+        stated = {304_326_632: vit_large(), 303_301_632: vit_large(num_classes=0),
+                  306_535_400: vit_large(patch_size=32), 88_224_232: vit_base(patch_size=32)}
+        for count, model in stated.items():
+            assert f"{count:,}" in text
+            assert sum(p.numel() for p in model.parameters()) == count
