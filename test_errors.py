@@ -5,6 +5,7 @@ disagreeing. Each case of the 'broken' list (wrong results or silent loss) has i
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from PIL import Image
 
 import train_cifar10 as tc
 import visualize_attention as va
-from data import DataNotFoundError, load_dataset, read_image
+from data import BUNDLED_SAMPLES, DataNotFoundError, image_files, load_dataset, read_image
 from test_train import CLASSES, FAST, HERE, write_batches_py, write_image_folder
 from vit_model import (
     VisionTransformer,
@@ -200,6 +201,25 @@ def test_bad_input_is_one_clear_line(world, tmp_path, capsys, entry, argv, messa
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert re.search(".*".join(re.escape(part) for part in message.split(" ... ")), lines[0]), lines[0]
     assert fingerprint(world["root"]) == before  # no checkpoint was written or changed
+
+
+def test_export_writes_half_precision_weights_and_a_true_card(world, tmp_path, capsys):
+    out = tmp_path / "shipped" / "tiny.pt"
+    tc.main(["--eval-only", str(world["best"]), "--data-dir", str(world["data"]), "--export", str(out)])
+    card = json.loads(out.with_suffix(".json").read_text())
+    shipped, full = torch.load(out, weights_only=True), torch.load(world["best"], weights_only=True)
+    assert card["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and card["bytes"] == out.stat().st_size
+    assert set(shipped) == {"model_config", "model", "classes", "normalize", "config"}  # nothing for resuming
+    assert shipped["model"].keys() == full["model"].keys()
+    for k, v in shipped["model"].items():
+        assert v.dtype == torch.float16 and torch.equal(v, full["model"][k].half())
+    assert card["parameters"] == sum(v.numel() for v in full["model"].values())
+    assert card["command"].startswith("python train_cifar10.py") and card["epochs"] == full["epoch"]
+    acc = card["test_accuracy"]
+    assert acc["checkpoint_fp32"] == round(100 * full["best_acc"], 2)  # the run's own final evaluation
+    assert abs(acc["shipped_fp16"] - acc["checkpoint_fp32"]) <= 5.0  # a tiny model, a few test images
+    assert [s["file"] for s in card["samples"]] == [f"assets/samples/{f.name}" for f in image_files(BUNDLED_SAMPLES)]
+    assert f"exported {out}" in capsys.readouterr().out
 
 
 def test_no_checkpoint_and_no_shipped_model_is_one_line(world, tmp_path, capsys, monkeypatch):

@@ -708,8 +708,8 @@ def export(ckpt: dict[str, Any], path: Path, cfg: TrainConfig, data: ImageData, 
     samples = []
     files = image_files(BUNDLED_SAMPLES) if BUNDLED_SAMPLES.is_dir() else []
     if files:
-        images = torch.stack([read_image(f, model.config.img_size) for f in files]).to(device)
-        for f, top in zip(files, top_k(model.cpu(), images.cpu(), mean, std, list(data.classes)), strict=True):
+        images = torch.stack([read_image(f, model.config.img_size) for f in files])
+        for f, top in zip(files, top_k(model.cpu(), images, mean, std, list(data.classes)), strict=True):
             samples.append({"file": f"{BUNDLED_SAMPLES.parent.name}/{BUNDLED_SAMPLES.name}/{f.name}",
                             "label": f.name.split("_")[0], "top3": [[c, round(p, 4)] for c, p in top]})
     card = {
