@@ -112,7 +112,12 @@ def find_latest_checkpoint(root: str | Path = "checkpoints") -> Path | None:
 def top_k(model: VisionTransformer, images: Tensor, mean: tuple, std: tuple, classes: list[str] | None,
           k: int = 3) -> list[list[tuple[str, float]]]:
     """The k most probable classes of each uint8 image (B, 3, H, W) with their softmax probabilities."""
-    probs = model(normalize(images, mean, std)).float().softmax(-1)  # (B, num_classes)
+    return top_classes(model(normalize(images, mean, std)), classes, k)
+
+
+def top_classes(logits: Tensor, classes: list[str] | None, k: int = 3) -> list[list[tuple[str, float]]]:
+    """The k most probable classes of each row of logits (B, num_classes), with their probabilities."""
+    probs = logits.float().softmax(-1)  # (B, num_classes)
     p, i = probs.topk(min(k, probs.shape[-1]), dim=-1)
     name = (lambda c: classes[c]) if classes else str
     return [[(name(int(c)), float(q)) for q, c in zip(pr, ix, strict=True)] for pr, ix in zip(p, i, strict=True)]

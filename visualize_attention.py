@@ -31,7 +31,7 @@ from checkpoint import (
     input_normalization,
     load_checkpoint,
     model_from_checkpoint,
-    top_k,
+    top_classes,
 )
 from data import BUNDLED_SAMPLES, CIFAR10_CLASSES, DataNotFoundError, image_files, load_dataset, normalize, read_image
 from plots import pyplot
@@ -79,6 +79,13 @@ def rollout_to_patch_map(rollout: Tensor, num_prefix_tokens: int, grid_size: int
     return rel.reshape(-1, grid_size, grid_size)
 
 
+def patch_distances(grid_size: int, patch_size: int) -> Tensor:
+    """(N, N) distances in pixels between the centres of the patches of a grid, row-major."""
+    coords = torch.stack(torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size),
+                                        indexing="ij"), -1).reshape(-1, 2).double()  # (N, 2)
+    return torch.cdist(coords, coords) * patch_size  # (N, N)
+
+
 def mean_attention_distance(attentions: list[Tensor], grid_size: int, patch_size: int,
                             num_prefix_tokens: int = 1) -> Tensor:
     """Appendix D.7: for each query patch, the image-space distance (pixels) to every key patch,
@@ -88,9 +95,7 @@ def mean_attention_distance(attentions: list[Tensor], grid_size: int, patch_size
     renormalised over the patches), so a head looking only at its own patch scores 0 and one
     looking only at the next patch scores patch_size.
     """
-    coords = torch.stack(torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size),
-                                        indexing="ij"), -1).reshape(-1, 2).float()  # (N_p, 2)
-    dist = torch.cdist(coords, coords) * patch_size  # (N_p, N_p), pixels between patch centres
+    dist = patch_distances(grid_size, patch_size).float()  # (N, N)
     out = []
     for attn in attentions:
         a = attn[:, :, num_prefix_tokens:, num_prefix_tokens:].float()  # (B, h, N_p, N_p)
@@ -104,9 +109,7 @@ def uniform_attention_distance(grid_size: int, patch_size: int) -> float:
     """The mean attention distance of a head that attends uniformly to all patches: the mean
     distance between two patch centres of the grid, in pixels. A head near it is effectively global;
     one far below it is local (Figure 7, right)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size),
-                                        indexing="ij"), -1).reshape(-1, 2).double()  # (N_p, 2)
-    return (torch.cdist(coords, coords) * patch_size).mean().item()
+    return patch_distances(grid_size, patch_size).mean().item()
 
 
 def position_embedding_similarity(pos_embed: Tensor, grid_size: int, num_prefix_tokens: int = 1
@@ -218,16 +221,18 @@ def load_images(args: argparse.Namespace, size: int) -> Images:
 
 @torch.inference_mode()
 def collect_attention(model: VisionTransformer, x: Tensor, mean: tuple, std: tuple,
-                      batch_size: int = 64) -> list[Tensor]:
-    """Attention of every layer (B, h, N, N) for uint8 images x."""
+                      batch_size: int = 64) -> tuple[list[Tensor], Tensor]:
+    """Attention of every layer (B, h, T, T) for uint8 images x, and the logits (B, classes)."""
     dev = next(model.parameters()).device
     layers: list[list[Tensor]] = [[] for _ in model.blocks]
+    logits = []
     for i in range(0, len(x), batch_size):
         xb = normalize(x[i:i + batch_size].to(dev), mean, std)  # (b, 3, H, W)
-        _, attns = model(xb, return_attention=True)
+        out, attns = model(xb, return_attention=True)
+        logits.append(out.cpu())
         for store, a in zip(layers, attns, strict=True):
             store.append(a.cpu())
-    return [torch.cat(a) for a in layers]
+    return [torch.cat(a) for a in layers], torch.cat(logits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,10 +423,10 @@ def make_figures(args: argparse.Namespace) -> dict[str, Path]:
     print(f"model: {source}; images: {imgs.name}")
 
     t0 = time.perf_counter()
-    attentions = collect_attention(model, imgs.x, mean, std)
+    attentions, logits = collect_attention(model, imgs.x, mean, std)
     dist = mean_attention_distance(attentions, grid, P, pre)
     t_dist = time.perf_counter() - t0
-    tops = top_k(model, imgs.x, mean, std, class_names)
+    tops = top_classes(logits, class_names)
     if imgs.originals is not None:
         for label, top in zip(imgs.labels, tops, strict=True):
             print(f"  {label}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top))
