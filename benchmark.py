@@ -12,6 +12,7 @@ alike; the ratio is the number to read. `recipe` is the baseline for an equal-ti
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -51,6 +52,26 @@ def train_step_timer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -
 
     step()  # warm-up
     return step
+
+
+def reference_speed(rounds: int = 5, batch: int = 128) -> float:
+    """The machine's speed on a fixed reference, in images/s: vit_cifar_tiny forward + backward +
+    AdamW step, fp32 on the CPU, batch 128, median of `rounds` steps (the "ours" number of
+    `python benchmark.py model` for the CIFAR preset). Wall-clock results are reported next to it."""
+    step = train_step_timer(vit_cifar("vit_cifar_tiny").train(), torch.randn(batch, 3, 32, 32),
+                            torch.randint(0, 10, (batch,)))
+    return batch / statistics.median(step() for _ in range(rounds))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), with ', AVX-512' when it has AVX-512F."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    return name + (", AVX-512" if " avx512f" in info else "")
 
 
 def bench_model(args: argparse.Namespace) -> None:

@@ -2,7 +2,8 @@
 into the model they describe. The figures and the trainer both use this module; it knows nothing of
 training.
 
-A checkpoint is a dict of tensors and plain values: `model_config` (a ViTConfig as a dict), `model`
+A checkpoint is a dict of tensors and plain values: `model_config` (a ViTConfig as a dict, or a
+ResNetConfig with arch "resnet" for the CNN baseline), `model`
 and `ema` (state dicts), `classes`, `normalize` ({"mean", "std"} of the inputs), and, for resuming,
 the training state (`config`, `optimizer`, `scaler`, `epoch`, `step`, `best_acc`, `history`, ...).
 """
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cnn_model import ResNetCIFAR, ResNetConfig
 from data import CIFAR10_MEAN, CIFAR10_STD, normalize
 from vit_model import VisionTransformer, ViTConfig, load_state_dict_checked
 
@@ -83,10 +85,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> VisionTransformer:
+def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> VisionTransformer | ResNetCIFAR:
     """Rebuild the model a checkpoint describes and load its (EMA, if present) weights."""
     try:
-        model = VisionTransformer(ViTConfig(**ckpt["model_config"]))
+        mc = ckpt["model_config"]
+        model = ResNetCIFAR(ResNetConfig(**mc)) if mc.get("arch") == "resnet" else VisionTransformer(ViTConfig(**mc))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"the checkpoint's model_config does not describe a model: {e}") from e
     state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]

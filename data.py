@@ -528,7 +528,10 @@ class TrainBatches:
     the same one and a resumed run continues it; the last incomplete batch is dropped. Each global
     batch of batch_size images is split into `world` disjoint shards of batch_size / world, and this
     process (rank) gets its own. Images and labels stay on their device; the indices go there once
-    per epoch.
+    per epoch. Each batch's augmentation draws from the global generator reseeded with (seed, rank,
+    epoch, step): the same augmented images whatever the model drew in between (dropout, patch
+    dropout), so two models trained with one seed (the ViT and the CNN of compare_configs.py's
+    `data` study) see the same images in the same order.
     """
 
     def __init__(self, x: Tensor, y: Tensor, batch_size: int,
@@ -553,5 +556,6 @@ class TrainBatches:
         return perm[:, self.rank * local:(self.rank + 1) * local]  # (steps, B / world)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        for idx in self.indices(epoch).to(self.x.device):
+        for step, idx in enumerate(self.indices(epoch).to(self.x.device)):
+            torch.manual_seed(((self.seed * 10_007 + self.rank) * 100_003 + epoch) * 1_000_003 + step)
             yield self.augment(self.x[idx], self.y[idx])

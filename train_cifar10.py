@@ -54,6 +54,7 @@ from checkpoint import (
     sha256_of,
     top_k,
 )
+from cnn_model import ResNetCIFAR, ResNetConfig
 from data import (
     BUNDLED_SAMPLES,
     Augment,
@@ -69,6 +70,10 @@ from data import (
 from plots import save_confusion_png, save_curve_png
 from vit_model import CIFAR_PRESETS, VisionTransformer, ViTConfig, load_state_dict_checked, model_config
 
+# The ViT presets of vit_model.py, and the small ResNet the `data` study of compare_configs.py sets
+# against them (cnn_model.py; ViT-only settings such as the patch size do not apply to it).
+MODELS = (*CIFAR_PRESETS, "resnet_cifar")
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
@@ -77,7 +82,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     # model
-    model: str = _f("vit_cifar_tiny", f"model preset, one of {list(CIFAR_PRESETS)}")
+    model: str = _f("vit_cifar_tiny", f"model, one of {list(MODELS)}; resnet_cifar is the CNN baseline "
+                                      "(cnn_model.py), for which the ViT settings below do not apply")
     patch_size: int = _f(4, "patch size P (32x32 images give a (32/P)^2 grid)")
     embed_dim: int | None = _f(None, "override the preset's embedding size D", type=int)
     depth: int | None = _f(None, "override the preset's number of blocks", type=int)
@@ -130,6 +136,8 @@ class TrainConfig:
                                "train/ and test/, or where to download it")
     download: bool = _f(True, "download CIFAR-10 when data_dir holds none")
     val_split: int = _f(0, "hold out this many training images and evaluate on them instead of test")
+    train_fraction: float = _f(1.0, "train on this fraction of the training images (after --val-split), the "
+                                    "same fraction of every class, always the same images whatever the seed")
     eval_every: int = _f(1, "evaluate every N epochs (the last epoch is always evaluated)")
     eval_subset: int = _f(0, "evaluate on N evenly spaced evaluation images between epochs and on all of "
                              "them after the last epoch; only full evaluations choose best.pt (0: all)")
@@ -203,7 +211,7 @@ def resolve_config(args: argparse.Namespace, ckpt: dict[str, Any] | None = None,
     if not check_model:
         return cfg
     saved = ckpt["model_config"]
-    new = vit_config(cfg, saved["num_classes"]).to_dict()
+    new = model_config_of(cfg, saved["num_classes"]).to_dict()
     changed = {k: (v, new.get(k)) for k, v in saved.items() if new.get(k) != v}
     if changed:
         raise ValueError(f"the checkpoint was trained with another model config; differences "
@@ -213,7 +221,7 @@ def resolve_config(args: argparse.Namespace, ckpt: dict[str, Any] | None = None,
 
 def validate(cfg: TrainConfig) -> None:
     """Every setting in its range, or a ValueError naming the flag, the rule and the value."""
-    choices = {"model": CIFAR_PRESETS, "optimizer": ("adamw", "muon"), "decay": ("cosine", "linear"),
+    choices = {"model": MODELS, "optimizer": ("adamw", "muon"), "decay": ("cosine", "linear"),
                "wandb": ("offline", "online", "off"), "device": ("auto", "cpu", "cuda"),
                "amp": ("auto", "bf16", "fp16", "off")}
     for name, allowed in choices.items():
@@ -235,12 +243,22 @@ def validate(cfg: TrainConfig) -> None:
         ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
         *((n, lambda v: 0 <= v <= 1, "in [0, 1]") for n in ("mix_prob", "erase_prob")),
         ("randaug_m", lambda v: 0 <= v <= 30, "in [0, 30]"),
+        ("train_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
     ]
     for name, ok, rule in rules:
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float, type(None))) and math.isfinite(value or 0) and ok(value)):
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
-    mcfg = vit_config(cfg, num_classes=10)  # the model settings fit together (e.g. D divisible by heads)
+    if cfg.model == "resnet_cifar":
+        vit_only = {"patch_drop": cfg.patch_drop > 0, "res_schedule": bool(cfg.res_schedule),
+                    "drop_path": cfg.drop_path > 0, "dropout": cfg.dropout > 0, "optimizer": cfg.optimizer == "muon",
+                    **{n: getattr(cfg, n) is not None for n in ("embed_dim", "depth", "num_heads", "mlp_ratio")}}
+        if any(vit_only.values()):
+            flags = ", ".join("--" + n.replace("_", "-") for n, v in vit_only.items() if v)
+            raise ValueError(f"--model resnet_cifar: {flags} apply to ViT models only (Muon: to the blocks' "
+                             f"matrices); use the defaults")
+        return
+    mcfg = model_config_of(cfg, num_classes=10)  # the model settings fit together (e.g. D divisible by heads)
     stages = resolution_stages(cfg.res_schedule)
     sizes, untils = [s for s, _ in stages], [u for _, u in stages]
     if stages and not (all(s % mcfg.patch_size == 0 and 0 < s < mcfg.img_size for s in sizes)
@@ -262,8 +280,10 @@ def image_size_at(cfg: TrainConfig, full: int, progress: float) -> int:
     return next((size for size, until in resolution_stages(cfg.res_schedule) if progress < until), full)
 
 
-def vit_config(cfg: TrainConfig, num_classes: int) -> ViTConfig:
+def model_config_of(cfg: TrainConfig, num_classes: int) -> ViTConfig | ResNetConfig:
     """The model of a training config: its --model preset with the flags that override it."""
+    if cfg.model == "resnet_cifar":
+        return ResNetConfig(num_classes=num_classes)
     return model_config(cfg.model, num_classes=num_classes, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                         depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                         classifier=cfg.classifier, pos_embed=cfg.pos_embed, drop_rate=cfg.dropout,
@@ -365,7 +385,7 @@ def param_groups(named: list[tuple[str, nn.Parameter]], skip: set[str], weight_d
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizers(model: VisionTransformer, cfg: TrainConfig) -> list[tuple[torch.optim.Optimizer, float]]:
+def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[tuple[torch.optim.Optimizer, float]]:
     """The optimisers, each with its peak learning rate relative to --lr: AdamW for everything, or
     Muon for the blocks' 2D weight matrices and AdamW for the rest."""
     named = list(model.named_parameters())
@@ -389,17 +409,17 @@ class Learner:
     """What a training step changes: the model, its EMA, the optimiser and the fp16 loss scaler.
     `forward` is the model as trained (compiled and/or wrapped in DDP)."""
 
-    model: VisionTransformer
+    model: VisionTransformer | ResNetCIFAR
     forward: nn.Module
-    ema: VisionTransformer | None
+    ema: VisionTransformer | ResNetCIFAR | None
     optimizers: list[tuple[torch.optim.Optimizer, float]]  # each with its learning rate relative to --lr
     scaler: torch.amp.GradScaler
     amp_ctx: Any
     cfg: TrainConfig
 
     @classmethod
-    def build(cls, cfg: TrainConfig, mcfg: ViTConfig, device: torch.device, world: int) -> Learner:
-        model = VisionTransformer(mcfg).to(device)
+    def build(cls, cfg: TrainConfig, mcfg: ViTConfig | ResNetConfig, device: torch.device, world: int) -> Learner:
+        model = (ResNetCIFAR(mcfg) if isinstance(mcfg, ResNetConfig) else VisionTransformer(mcfg)).to(device)
         ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
         optimizers = build_optimizers(model, cfg)
         amp_ctx, amp_dtype = amp_context(cfg, device)
@@ -431,6 +451,8 @@ class Learner:
         if self.ema is not None:
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - self.cfg.ema)
+                for b_ema, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+                    b_ema.copy_(b)  # BatchNorm statistics (the CNN)
         return loss.detach(), logits.detach()
 
     def state_dict(self) -> dict[str, Any]:
@@ -499,7 +521,7 @@ def train_epoch(learner: Learner, batches: TrainBatches, epoch: int, step: int, 
             "train_acc": correct.item() / (steps_done * len(x)),
             "lr": lr_at(step, budget.progress(step), budget.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay),
             "epoch_time": epoch_time, "images_per_sec": steps_done * cfg.batch_size / epoch_time,
-            "data_time_frac": t_data / max(t_data + t_step, 1e-9), "patch_drop": model.patch_drop_rate,
+            "data_time_frac": t_data / max(t_data + t_step, 1e-9), "patch_drop": getattr(model, "patch_drop_rate", 0.0),
             **({"downscaled": size} if size != full else {})}, step
 
 
@@ -638,10 +660,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_data(cfg: TrainConfig, ckpt: dict[str, Any] | None, with_train: bool = True) -> ImageData:
-    """The data set of --data-dir; with a checkpoint, labelled by the checkpoint's class list (matched
-    by name), and refused if its classes are not the checkpoint's."""
-    data = load_dataset(cfg.data_dir, cfg.download, with_train=with_train)
+def load_data(cfg: TrainConfig, ckpt: dict[str, Any] | None, with_train: bool = True,
+              loaded: ImageData | None = None) -> ImageData:
+    """The data set of --data-dir (or the one already loaded); with a checkpoint, labelled by the
+    checkpoint's class list (matched by name), and refused if its classes are not the checkpoint's."""
+    data = loaded or load_dataset(cfg.data_dir, cfg.download, with_train=with_train)
     if ckpt is None:
         return data
     if ckpt.get("classes"):
@@ -750,7 +773,8 @@ class EvalSet:
 def split_data(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, world: int
                ) -> tuple[Tensor, Tensor, EvalSet]:
     """Training images and the evaluation set: the test set, or --val-split images held out of the
-    training set (a fixed permutation, the same for every seed)."""
+    training set (a fixed permutation, the same for every seed); then --train-fraction of each class
+    of the rest (another fixed permutation, so a smaller fraction is a subset of a larger one)."""
     train_x, train_y, eval_x, eval_y = data.train_x, data.train_y, data.test_x, data.test_y
     if cfg.val_split:
         if not cfg.val_split < len(train_x):
@@ -758,6 +782,11 @@ def split_data(cfg: TrainConfig, data: ImageData, device: torch.device, rank: in
         perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1234))
         eval_x, eval_y = train_x[perm[:cfg.val_split]], train_y[perm[:cfg.val_split]]
         train_x, train_y = train_x[perm[cfg.val_split:]], train_y[perm[cfg.val_split:]]
+    if cfg.train_fraction < 1:
+        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(4321))
+        by_class = [order[train_y[order] == c] for c in train_y.unique()]
+        keep = torch.cat([idx[:max(1, round(cfg.train_fraction * len(idx)))] for idx in by_class]).sort().values
+        train_x, train_y = train_x[keep], train_y[keep]
     n = len(eval_x)
     if not cfg.eval_subset < n:
         raise ValueError(f"--eval-subset must be in [0, {n}), got {cfg.eval_subset}")
@@ -834,20 +863,22 @@ RESUME_KEYS = ("config", "model_config", "model", "optimizer", "scaler", "epoch"
                "rng_states")
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
+def train(args: argparse.Namespace, data: ImageData | None = None) -> dict[str, Any]:
+    """A training run of the parsed flags; `data` skips loading --data-dir (a caller running many
+    runs on the same data set, like compare_configs.py)."""
     ckpt = load_checkpoint(args.resume, required=RESUME_KEYS) if args.resume else None
     cfg = resolve_config(args, ckpt)
     device, rank, world = setup_device(cfg)
     torch.manual_seed(cfg.seed + rank)  # augmentation and dropout differ per process
     is_main = rank == 0
 
-    data = load_data(cfg, ckpt)
+    data = load_data(cfg, ckpt, loaded=data)
     mean, std = input_normalization(ckpt) if ckpt else (data.mean, data.std)  # preprocessing travels with weights
     train_x, train_y, evals = split_data(cfg, data, device, rank, world)
     augment = Augment(len(data.classes), mean, std, cfg.crop_pad, cfg.flip, cfg.randaug_n, cfg.randaug_m,
                       cfg.erase_prob, cfg.label_smoothing, cfg.mixup, cfg.cutmix, cfg.mix_prob)
     batches = TrainBatches(train_x, train_y, cfg.batch_size, augment, cfg.seed, rank, world)
-    mcfg = vit_config(cfg, len(data.classes))
+    mcfg = model_config_of(cfg, len(data.classes))
     learner = Learner.build(cfg, mcfg, device, world)
     eval_model = learner.ema if learner.ema is not None else learner.model
 
@@ -868,7 +899,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     n_params = sum(p.numel() for p in learner.model.parameters())
     if is_main:
         print(f"{'resuming' if ckpt else 'starting'} run {run_dir} on {device} x{world}, after {run.epoch} epochs\n"
-              f"{json.dumps(dataclasses.asdict(cfg))}\nmodel: {n_params:,} parameters, {mcfg.num_tokens} tokens, "
+              f"{json.dumps(dataclasses.asdict(cfg))}\nmodel: {n_params:,} parameters, "
+              f"{f'{mcfg.num_tokens} tokens, ' if isinstance(mcfg, ViTConfig) else ''}"
               f"{len(batches)} steps/epoch, {len(train_x)} train / {evals.size} {evals.name}"
               + (f" ({evals.subset} between epochs)" if evals.subset else ""))
 
@@ -878,7 +910,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         last_epoch = run.epoch  # a resumed run whose time is spent: nothing left to do
     try:
         for epoch in range(run.epoch, last_epoch):
-            learner.model.patch_drop_rate = 0.0 if budget.full_tokens(epoch, run.history) else cfg.patch_drop
+            if isinstance(learner.model, VisionTransformer):
+                learner.model.patch_drop_rate = 0.0 if budget.full_tokens(epoch, run.history) else cfg.patch_drop
             rec, run.step = train_epoch(learner, batches, epoch, run.step, budget, stop, wb.log, is_main)
             final = epoch + 1 == cfg.epochs or budget.spent  # the last epoch is evaluated on all images
             if final or (epoch + 1) % cfg.eval_every == 0:

@@ -173,6 +173,9 @@ def load_model(args: argparse.Namespace) -> Source:
             f"pass --checkpoint, --torchvision-weights vit_b_16 or --npz FILE")
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{path} holds a {type(model).__name__} (the CNN baseline): attention maps need a "
+                         f"ViT checkpoint; pass one with --checkpoint")
     classes = ckpt.get("classes") or (list(CIFAR10_CLASSES) if model.num_classes == len(CIFAR10_CLASSES) else None)
     seed = int((ckpt.get("config") or {}).get("seed", 0))
     return Source(model, name, *input_normalization(ckpt), classes, seed)

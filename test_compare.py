@@ -1,0 +1,299 @@
+"""Tests for compare_configs.py and the CNN baseline (cnn_model.py), on small data sets the tests make
+themselves (test_train.write_batches_py: 500 training and 200 test images of an easy 10-class task)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import compare_configs as cc
+import train_cifar10 as tc
+from checkpoint import load_checkpoint, model_from_checkpoint
+from cnn_model import ResNetCIFAR, ResNetConfig, resnet_param_count
+from test_train import write_batches_py
+from vit_model import estimate_flops
+
+# A small baseline for the tests: a tiny ViT, 100 validation images, batches of 50.
+SMALL = ["val_split=100", "embed_dim=32", "depth=2", "num_heads=2", "batch_size=50", "eval_subset=0",
+         "log_every=2", "eval_batch_size=100"]
+BUDGET = {"time_budget": 4.0, "epochs": 1000}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_batches_py(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture
+def fast_machine(monkeypatch):
+    monkeypatch.setattr(cc, "reference_speed", lambda: 400.0)
+    monkeypatch.setattr(cc, "cpu_name", lambda: "test CPU")
+
+
+def compare(tmp_path: Path, data_dir: Path, *args: str) -> None:
+    cc.main(["--data-dir", str(data_dir), "--out", str(tmp_path / "res"), "--fig-dir", str(tmp_path / "fig"),
+             "--checkpoint-dir", str(tmp_path / "ck"), "--set", *SMALL, *args])
+
+
+def tiny_study(monkeypatch, name: str, runs: list[cc.Run], plot: str = "bars") -> None:
+    monkeypatch.setitem(cc.STUDIES, name, cc.Study(name, "a test study", runs, plot))
+
+
+def rows(tmp_path: Path, study: str) -> list[dict]:
+    return json.loads((tmp_path / "res" / f"{study}.json").read_text())["rows"]
+
+
+# --------------------------------------------------------------------------------------------
+# The CNN
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("widths, blocks", [((32, 64, 128), (2, 2, 2)), ((16, 32, 64), (3, 3, 3)),
+                                            ((8, 8), (1, 2)), ((64, 128, 256, 512), (2, 2, 2, 2))])
+def test_resnet_parameter_count_matches_the_formula(widths, blocks):
+    cfg = ResNetConfig(widths=widths, blocks=blocks)
+    assert sum(p.numel() for p in ResNetCIFAR(cfg).parameters()) == resnet_param_count(cfg)
+
+
+def test_resnet_matches_torchvision_resnet18_apart_from_the_stem():
+    """Widths 64-512 with two blocks each are ResNet-18's body: the same parameter count as
+    torchvision's resnet18 once its 7x7 stem is swapped for ours (3x3), and its head for 10 classes."""
+    import torchvision
+    ref = torchvision.models.resnet18(num_classes=10)
+    ours = ResNetCIFAR(ResNetConfig(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)))
+    n_ref = sum(p.numel() for p in ref.parameters()) - ref.conv1.weight.numel() + 3 * 3 * 3 * 64
+    assert sum(p.numel() for p in ours.parameters()) == n_ref
+    assert ours(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet_keeps_32x32_resolution_in_its_first_stage():
+    model = ResNetCIFAR(ResNetConfig())
+    x = model.stem(torch.zeros(1, 3, 32, 32))
+    sizes = []
+    for stage in model.stages:
+        x = stage(x)
+        sizes.append(tuple(x.shape[1:]))
+    assert sizes == [(32, 32, 32), (64, 16, 16), (128, 8, 8)]  # no max-pool, stride 1 stem
+
+
+def test_resnet_checkpoint_round_trip_and_visualize_refuses_it(data_dir, tmp_path, capsys):
+    tc.main(["--model", "resnet_cifar", "--epochs", "1", "--batch-size", "50", "--data-dir", str(data_dir),
+             "--out-dir", str(tmp_path), "--run-name", "cnn", "--wandb", "off", "--ema", "0.9"])
+    ckpt = load_checkpoint(tmp_path / "cnn" / "last.pt")
+    assert ckpt["model_config"]["arch"] == "resnet"
+    model = model_from_checkpoint(ckpt, use_ema=False)
+    assert isinstance(model, ResNetCIFAR)
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+    # the EMA copy carries the BatchNorm statistics of the trained model, not the initial ones
+    assert torch.equal(ckpt["ema"]["stem.1.running_mean"], ckpt["model"]["stem.1.running_mean"])
+    assert not torch.all(ckpt["ema"]["stem.1.running_mean"] == 0)
+    import visualize_attention
+    with pytest.raises(SystemExit):
+        visualize_attention.main(["--checkpoint", str(tmp_path / "cnn" / "last.pt"), "--out-dir", str(tmp_path)])
+    assert "attention maps need a ViT checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--patch-drop", "0.5"], ["--optimizer", "muon"], ["--depth", "4"],
+                                  ["--res-schedule", "16:0.5"]])
+def test_vit_only_settings_are_refused_for_the_cnn(data_dir, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit):
+        tc.main(["--model", "resnet_cifar", "--data-dir", str(data_dir), "--wandb", "off", *flag])
+    err = capsys.readouterr().err
+    assert "apply to ViT models only" in err and flag[0] in err
+
+
+# --------------------------------------------------------------------------------------------
+# --train-fraction
+# --------------------------------------------------------------------------------------------
+
+def test_train_fraction_takes_the_same_share_of_every_class_and_nests(data_dir):
+    data = tc.load_data(tc.TrainConfig(data_dir=str(data_dir)), None)
+    kept = {}
+    for frac in (1.0, 0.5, 0.2):
+        cfg = tc.TrainConfig(data_dir=str(data_dir), val_split=100, train_fraction=frac, seed=3)
+        x, y, _ = tc.split_data(cfg, data, torch.device("cpu"), 0, 1)
+        kept[frac] = {hashlib.sha1(img.numpy().tobytes()).hexdigest() for img in x}
+        assert len(kept[frac]) == len(x)  # the synthetic images are all different
+        assert torch.bincount(y, minlength=10).tolist() == torch.bincount(
+            tc.split_data(dataclasses.replace(cfg, train_fraction=1.0), data, torch.device("cpu"), 0, 1)[1],
+            minlength=10).mul(frac).round().long().tolist()
+    assert kept[0.2] < kept[0.5] < kept[1.0]
+    other_seed = tc.split_data(tc.TrainConfig(val_split=100, train_fraction=0.2, seed=0), data,
+                               torch.device("cpu"), 0, 1)[0]
+    assert {hashlib.sha1(img.numpy().tobytes()).hexdigest() for img in other_seed} == kept[0.2]
+
+
+# --------------------------------------------------------------------------------------------
+# The studies
+# --------------------------------------------------------------------------------------------
+
+def test_every_study_builds_valid_configs_that_change_one_thing():
+    base = dataclasses.asdict(tc.TrainConfig(**{**cc.BASE, **BUDGET}))
+    for study in cc.STUDIES.values():
+        keys = set()
+        assert [r.seed for r in study.runs if r.baseline] == [0, 1]
+        for run in study.runs:
+            cfg = cc.run_config(run, BUDGET, cc.BASE)  # validates
+            keys.add(cc.run_key(cfg))
+            changed = {k for k, v in dataclasses.asdict(cfg).items() if v != base[k]} - {"seed"}
+            assert changed == {k for k, v in run.changes.items() if v != base[k]}, (study.name, run.label)
+            params, mflops = cc.model_cost(cfg, 10)
+            if cfg.model == "resnet_cifar":
+                assert params == resnet_param_count(ResNetConfig()) == 696_618
+            else:
+                mcfg = tc.model_config_of(cfg, 10)
+                assert mflops == estimate_flops(mcfg)["total"] / 1e6
+        assert len(keys) == len(study.runs)  # no run twice within a study
+    # the baseline is one run, the same in every study (so it is trained once and reused)
+    assert len({cc.run_key(cc.run_config(r, BUDGET, cc.BASE)) for s in cc.STUDIES.values() for r in s.runs
+                if r.baseline and r.seed == 0}) == 1
+    assert cc.BASE["val_split"] == 5000 and cc.BASE["optimizer"] == "adamw"
+
+
+def test_patch_study_counts_flops_of_the_token_count():
+    cfgs = [cc.run_config(r, BUDGET, cc.BASE) for r in cc.STUDIES["patch"].runs]
+    assert [c.patch_size for c in cfgs] == [4, 4, 2, 8]
+    tokens = [tc.model_config_of(c, 10).num_tokens for c in cfgs]
+    assert tokens == [64, 64, 256, 16]  # (32 / P)^2 patches; GAP: no class token
+    mflops = [cc.model_cost(c, 10)[1] for c in cfgs]
+    assert mflops[3] < mflops[0] < mflops[2]
+
+
+def test_cnn_flops_match_a_hand_count():
+    """Convolutions: 2 k^2 a b H W per layer; the head 2 C K; PyTorch's counter counts the same."""
+    cfg = ResNetConfig()
+    hand, a, size = 2 * 9 * 3 * 32 * 32 * 32, 32, 32
+    for i, (b, n) in enumerate(zip(cfg.widths, cfg.blocks, strict=True)):
+        for j in range(n):
+            if i > 0 and j == 0:
+                size //= 2
+                hand += 2 * a * b * size * size  # 1x1 shortcut
+            hand += 2 * 9 * a * b * size * size + 2 * 9 * b * b * size * size
+            a = b
+    hand += 2 * 128 * 10
+    run = next(r for r in cc.STUDIES["data"].runs if r.line.startswith("ResNet") and r.x == 1.0)
+    assert cc.model_cost(cc.run_config(run, BUDGET, cc.BASE), 10)[1] == hand / 1e6
+
+
+def test_two_run_study_writes_rows_table_and_plot(data_dir, tmp_path, monkeypatch, fast_machine, capsys):
+    tiny_study(monkeypatch, "two", cc.baseline("base"))
+    compare(tmp_path, data_dir, "--study", "two", "--epochs", "2")
+    got = rows(tmp_path, "two")
+    assert [(r["label"], r["seed"], r["epochs"]) for r in got] == [("base", 0, 2), ("base", 1, 2)]
+    for r in got:
+        ckpt = load_checkpoint(Path(r["run_dir"]) / "last.pt")
+        assert r["val_acc"] == round(100 * ckpt["best_acc"], 2)
+        assert r["config"]["seed"] == r["seed"] and r["machine"] == {"cpu": "test CPU", "ref_img_s": 400.0,
+                                                                    "torch": torch.__version__}
+        assert r["train_images"] == 400 and r["command"].startswith("python train_cifar10.py --preset cpu")
+    a, b = (r["val_acc"] for r in got)
+    table = (tmp_path / "res" / "two.md").read_text()
+    assert f"spread {abs(a - b):.2f} points" in table and f"mean {(a + b) / 2:.2f}%" in table
+    assert table in capsys.readouterr().out
+    with Image.open(tmp_path / "fig" / "study_two.png") as im:
+        assert im.size[0] > 500
+
+
+def test_rerun_skips_finished_rows_and_reuses_the_baseline(data_dir, tmp_path, monkeypatch, fast_machine, capsys):
+    tiny_study(monkeypatch, "one", cc.baseline("base")[:1])
+    tiny_study(monkeypatch, "other", [*cc.baseline("same as base")[:1], cc.Run("lr", {"lr": 3e-4})])
+    compare(tmp_path, data_dir, "--study", "one", "--epochs", "1")
+    calls = []
+    real_train = tc.train
+    monkeypatch.setattr(tc, "train", lambda args, data=None: calls.append(args) or real_train(args, data))
+    compare(tmp_path, data_dir, "--study", "one", "other", "--epochs", "1")
+    assert len(calls) == 1 and calls[0].lr == 3e-4  # only the new run trained
+    assert "same run as one/'base', reused" in capsys.readouterr().out
+    assert rows(tmp_path, "other")[0]["val_acc"] == rows(tmp_path, "one")[0]["val_acc"]
+    compare(tmp_path, data_dir, "--study", "one", "other", "--epochs", "1")
+    assert len(calls) == 1 and "every run is already done" in capsys.readouterr().out
+
+
+def test_an_interrupted_study_keeps_its_rows_and_resumes(data_dir, tmp_path, monkeypatch, fast_machine, capsys):
+    tiny_study(monkeypatch, "three", [*cc.baseline("base"), cc.Run("lr", {"lr": 3e-4})])
+    real_train = tc.train
+
+    def interrupted_after_one_epoch(args, data=None):
+        if getattr(args, "seed", 0) == 1:  # Ctrl-C in the second run, after its first epoch
+            args.stop_at_epoch = 1
+            real_train(args, data)
+            raise SystemExit(130)
+        return real_train(args, data)
+
+    monkeypatch.setattr(tc, "train", interrupted_after_one_epoch)
+    with pytest.raises(SystemExit) as e:
+        compare(tmp_path, data_dir, "--study", "three", "--epochs", "2")
+    assert e.value.code == 130 and "rerun the same command to continue" in capsys.readouterr().err
+    assert [r["seed"] for r in rows(tmp_path, "three")] == [0]
+    monkeypatch.setattr(tc, "train", real_train)
+    compare(tmp_path, data_dir, "--study", "three", "--epochs", "2")
+    assert "continuing 'base' from" in capsys.readouterr().out
+    got = rows(tmp_path, "three")
+    assert [(r["label"], r["seed"], r["epochs"]) for r in got] == [("base", 0, 2), ("base", 1, 2), ("lr", 0, 2)]
+
+
+def test_budget_minutes_are_honoured(data_dir, tmp_path, monkeypatch, fast_machine):
+    tiny_study(monkeypatch, "timed", cc.baseline("base")[:1])
+    compare(tmp_path, data_dir, "--study", "timed", "--budget-min", "0.04")
+    (r,) = rows(tmp_path, "timed")
+    assert r["config"]["time_budget"] == 0.04 and r["config"]["epochs"] == 1000
+    assert 0.04 <= r["minutes"] < 0.04 + 0.1 and 1 <= r["epochs"] < 1000
+
+
+def test_the_vit_and_the_cnn_see_the_same_images_in_the_same_order(data_dir, tmp_path, monkeypatch, fast_machine):
+    runs = [r for r in cc.STUDIES["data"].runs if r.x == 0.5]
+    tiny_study(monkeypatch, "pair", runs, "lines")
+    seen: dict[str, list[str]] = {}
+    real_step = tc.Learner.step
+
+    def record(self, x, target, lr):
+        seen.setdefault(type(self.model).__name__, []).append(hashlib.sha1(x.numpy().tobytes()).hexdigest())
+        return real_step(self, x, target, lr)
+
+    monkeypatch.setattr(tc.Learner, "step", record)
+    compare(tmp_path, data_dir, "--study", "pair", "--epochs", "2")
+    assert set(seen) == {"VisionTransformer", "ResNetCIFAR"}
+    assert seen["VisionTransformer"] == seen["ResNetCIFAR"] and len(seen["ResNetCIFAR"]) == 2 * 4
+    assert (tmp_path / "fig" / "study_pair.png").is_file()
+
+
+def test_rows_from_a_machine_of_another_speed_are_refused(data_dir, tmp_path, monkeypatch, fast_machine, capsys):
+    tiny_study(monkeypatch, "timed", cc.baseline("base")[:1])
+    compare(tmp_path, data_dir, "--study", "timed", "--budget-min", "0.02")
+    monkeypatch.setattr(cc, "reference_speed", lambda: 150.0)
+    tiny_study(monkeypatch, "timed", cc.baseline("base"))
+    with pytest.raises(SystemExit):
+        compare(tmp_path, data_dir, "--study", "timed", "--budget-min", "0.02")
+    err = capsys.readouterr().err
+    assert "at 400 img/s" in err and "measures 150 img/s" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--study", "nope", "--epochs", "1"], "invalid choice: 'nope'"),
+    (["--study", "patch", "--budget-min", "0"], "--budget-min must be a positive number"),
+    (["--study", "patch", "--budget-min", "-3"], "--budget-min must be a positive number"),
+    (["--study", "patch"], "--budget-min M (equal time) or --epochs E"),
+    (["--study", "patch", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--study", "patch", "--epochs", "1", "--budget-min", "2"], "not allowed with argument"),
+    (["--study", "patch", "--epochs", "1", "--set", "colour=red"], "--set expects FIELD=VALUE with a field"),
+    (["--study", "patch", "--epochs", "1", "--set", "lr=fast"], "--set lr: expected a float, got 'fast'"),
+    (["--study", "patch", "--epochs", "1", "--set", "lr=-1"], "--lr must be positive"),
+])
+def test_bad_input_fails_clearly(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        cc.main([*args, "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_list_names_every_study_and_run(capsys):
+    cc.main(["--list"])
+    out = capsys.readouterr().out
+    for s in cc.STUDIES.values():
+        assert out.count(f"{s.name}: ") == 1
+        assert all(r.label in out for r in s.runs)
