@@ -252,8 +252,9 @@ def run_studies(args: argparse.Namespace) -> None:
                 else:
                     command = tc.config_command(dataclasses.asdict(cfg))
                     tqdm.write(f"[{s.name}] {run.label} (seed {run.seed}): {command}")
+                    machine["ref_img_s"] = round(reference_speed(), 1)  # just before the run: speed drifts
                     run_dir = train_run(s.name, run, cfg, args, data)
-                    res.add(make_row(s.name, run, cfg, run_dir, data, machine))
+                    res.add(make_row(s.name, run, cfg, run_dir, data, dict(machine)))
                 overall.update(1)
         except (KeyboardInterrupt, SystemExit) as e:
             if isinstance(e, SystemExit) and e.code != 130:
@@ -295,9 +296,13 @@ def table(study: Study, res: Results) -> str:
                      f"{'baseline' if r['baseline'] else ('yes' if abs(delta) > gap else 'no')} | "
                      f"{r['test_acc']:.2f}% | {r['epochs']} | {r['images_per_sec']:.0f} | {r['params']:,} | "
                      f"{r['mflops']:.1f} | {r['minutes']:.1f} |")
-    machines = sorted({(r["machine"]["cpu"], r["machine"]["ref_img_s"]) for r in rows})
+    refs: dict[str, list[float]] = {}
+    for r in rows:
+        refs.setdefault(r["machine"]["cpu"], []).append(r["machine"]["ref_img_s"])
     lines += ["", f"Baseline: mean {mean:.2f}%, spread {gap:.2f} points over seeds 0 and 1; a difference counts only "
-              f"beyond it. Machine: " + "; ".join(f"{c} (reference {v:.0f} img/s)" for c, v in machines) + "."]
+              f"beyond it. Machine: " + "; ".join(
+                  f"{c} (reference {min(v):.0f}" + (f"-{max(v):.0f}" if max(v) > min(v) else "") + " img/s)"
+                  for c, v in refs.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -311,12 +316,13 @@ def plot(study: Study, res: Results, path: Path) -> None:
         names = [f"{r['label']} (seed {r['seed']})" if r["baseline"] else r["label"] for r in rows]
         ax.barh(range(len(rows)), [r["val_acc"] for r in rows],
                 color=["0.6" if r["baseline"] else "tab:blue" for r in rows])
-        ax.axvspan(mean - gap / 2, mean + gap / 2, color="tab:orange", alpha=0.3, label="baseline mean ± spread/2")
+        ax.axvspan(mean - gap / 2, mean + gap / 2, color="tab:orange", alpha=0.4)  # baseline mean ± spread / 2
         ax.set_yticks(range(len(rows)), names)
         ax.invert_yaxis()
         lo = min(r["val_acc"] for r in rows)
         ax.set_xlim(max(0, lo - 10), min(100, max(r["val_acc"] for r in rows) + 3))
-        ax.set_xlabel("validation accuracy (%)")
+        ax.set_xlabel("validation accuracy (%)\norange band: baseline mean ± spread/2; grey bars: baseline runs",
+                      fontsize=9)
         for i, r in enumerate(rows):
             ax.text(r["val_acc"] + 0.2, i, f"{r['val_acc']:.2f}", va="center", fontsize=8)
     else:
@@ -335,8 +341,8 @@ def plot(study: Study, res: Results, path: Path) -> None:
         ax.set_xlabel("fraction of the 45,000 training images")
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"{study.name}: {each}, baseline spread {gap:.2f} points", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -167,3 +167,18 @@ def test_the_307m_paragraph_counts():
         for count, model in stated.items():
             assert f"{count:,}" in text
             assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_study_tables_in_the_readme_are_the_measured_ones():
+    """Each study table in README.md (after `<!-- check:study-NAME -->`) is the one compare_configs.py
+    wrote from results/NAME.json, row for row, so the README cannot show numbers no run produced."""
+    import compare_configs as cc
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    found = re.findall(r"<!-- check:study-(\w+) -->", readme)
+    assert found, "the README shows no study table"
+    for name in found:
+        res = cc.Results(HERE / "results", name)
+        assert res.rows, f"README shows study {name!r} but results/{name}.json has no rows"
+        expected = [line for line in cc.table(cc.STUDIES[name], res).splitlines() if line.startswith("|")]
+        shown = readme.split(f"<!-- check:study-{name} -->", 1)[1].lstrip("\n").splitlines()[:len(expected)]
+        assert shown == expected, name
