@@ -7,7 +7,8 @@ train_cifar10.py's own loop and summarised as a table and a plot.
     python compare_configs.py --study data --epochs 30 --data-dir data         # equal epochs (a GPU)
 
 Every run is the baseline BASE with one change: the CPU preset of train_cifar10.py with AdamW (the
-one optimiser both the ViT and the CNN of the `data` study can use), trained on 45,000 images and
+one optimiser both the ViT and the CNN of the `data` study can use) and without flip averaging
+at test time, trained on 45,000 images and
 compared on the 5,000 held-out validation images (--val-split 5000); test accuracy is a second
 column, never used to choose. The baseline runs twice (seeds 0 and 1): a difference counts only
 when it is larger than the gap between those two runs.
@@ -50,7 +51,8 @@ from cnn_model import ResNetCIFAR  # noqa: E402
 from data import DataNotFoundError, ImageData, load_dataset  # noqa: E402
 from vit_model import VisionTransformer, estimate_flops  # noqa: E402
 
-BASE: dict[str, Any] = {**tc.PRESETS["cpu"], "optimizer": "adamw", "val_split": 5000, "wandb": "off"}
+BASE: dict[str, Any] = {**tc.PRESETS["cpu"], "optimizer": "adamw", "tta_flip": False, "val_split": 5000,
+                        "wandb": "off"}  # plain accuracy: no flip averaging in the studies
 # Settings that say where things go, not what is trained: not part of a run's identity.
 PLACE = ("data_dir", "download", "out_dir", "run_name", "wandb", "wandb_project", "device", "threads")
 SAME_MACHINE = 1.25  # reference speeds further apart than this ratio are different machines

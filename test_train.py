@@ -608,6 +608,20 @@ def test_flip_averaging_evaluates_both_views():
     assert res["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
 
 
+def test_flip_averaging_only_in_the_full_evaluations(batches_dir, tmp_path, monkeypatch):
+    calls = []
+    evaluate = tc.evaluate
+
+    def spy(model, x, y, *args):
+        calls.append((len(x), args[-1]))  # (images, tta_flip)
+        return evaluate(model, x, y, *args)
+
+    monkeypatch.setattr(tc, "evaluate", spy)
+    tc.train(tc.parse_args([*FAST, "--epochs", "3", "--eval-subset", "50", "--tta-flip", "--data-dir",
+                            str(batches_dir), "--out-dir", str(tmp_path), "--run-name", "tta"]))
+    assert calls == [(50, False), (50, False), (200, True)]  # subsets between epochs, all 200 at the end
+
+
 def test_linear_decay_reaches_min_lr_in_a_straight_line():
     assert [tc.lr_at(10, p, 4, 1e-3, 0.0, "linear") for p in (0.0, 0.25, 1.0)] == pytest.approx([1e-3, 7.5e-4, 0.0])
 

@@ -142,8 +142,9 @@ class TrainConfig:
     eval_subset: int = _f(0, "evaluate on N evenly spaced evaluation images between epochs and on all of "
                              "them after the last epoch; only full evaluations choose best.pt (0: all)")
     eval_batch_size: int = _f(1000, "evaluation batch size")
-    tta_flip: bool = _f(False, "evaluate on each image and its mirror image, averaging the logits (test-time "
-                               "augmentation; twice the evaluation cost)")
+    tta_flip: bool = _f(False, "average the logits of each image and its mirror image in the full evaluations "
+                               "(those that choose best.pt, and --eval-only), not in the --eval-subset ones "
+                               "between epochs (test-time augmentation; twice the cost of a full evaluation)")
     out_dir: str = _f("checkpoints", "checkpoints go to OUT_DIR/RUN_NAME/{last,best}.pt")
     run_name: str = _f("", "run folder name (default: MODEL-TIMESTAMP)")
     wandb: str = _f("offline", "Weights & Biases mode: 'offline', 'online' or 'off'")
@@ -163,7 +164,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # training, whatever the machine's speed that day, plus start-up and the last evaluation.
     "cpu": dict(model="vit_cifar_tiny", classifier="gap", time_budget=57.0, epochs=100, batch_size=128,
                 optimizer="muon", lr=1e-3, muon_lr=4e-3, warmup_epochs=1.0, weight_decay=0.05, patch_drop=0.6,
-                full_token_epochs=1, label_smoothing=0.1, eval_subset=2000),
+                full_token_epochs=1, label_smoothing=0.1, eval_subset=2000, tta_flip=True),
     # Full recipe for one GPU (DeiT-style): strong augmentation, long schedule, EMA.
     "gpu": dict(model="vit_cifar_base", epochs=200, batch_size=512, lr=1e-3, warmup_epochs=10,
                 weight_decay=0.05, beta2=0.99, drop_path=0.1, randaug_n=2, randaug_m=9, mixup=0.8,
@@ -917,7 +918,7 @@ def train(args: argparse.Namespace, data: ImageData | None = None) -> dict[str, 
             if final or (epoch + 1) % cfg.eval_every == 0:
                 sub = bool(evals.subset) and not final
                 res = evaluate(eval_model, evals.sub_x if sub else evals.x, evals.sub_y if sub else evals.y,
-                               mean, std, cfg.eval_batch_size, learner.amp_ctx, cfg.tta_flip)
+                               mean, std, cfg.eval_batch_size, learner.amp_ctx, cfg.tta_flip and not sub)
                 rec.update(eval_loss=res["loss"], eval_acc=res["acc"], eval_images=evals.subset if sub else evals.size)
             rec["elapsed_min"] = budget.read() / 60
             run.history.append(rec)
@@ -946,7 +947,8 @@ def train(args: argparse.Namespace, data: ImageData | None = None) -> dict[str, 
     if is_main and run.history:
         save_curve_png(run.history, run_dir / "accuracy_curve.png",
                        f"{cfg.model}, {n_params / 1e6:.2f}M params: best {evals.name} {100 * run.best_acc:.2f}%")
-        print(f"done: best {evals.name} accuracy {100 * run.best_acc:.2f}%, checkpoints in {run_dir}")
+        print(f"done: best {evals.name} accuracy {100 * run.best_acc:.2f}%"
+              f"{' (each image averaged with its mirror image)' if cfg.tta_flip else ''}, checkpoints in {run_dir}")
     return {"best_acc": run.best_acc, "history": run.history, "run_dir": str(run_dir)}
 
 
