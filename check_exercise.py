@@ -40,7 +40,8 @@ class Result:
     ok: bool
     message: str
     hint: str = ""
-    mistakes: list[str] = field(default_factory=list)  # keys of the known mistakes the output matches
+    # keys of the known mistakes the output matches
+    mistakes: list[str] = field(default_factory=list)
 
 
 def load_module(path: str | Path) -> ModuleType:
@@ -110,7 +111,8 @@ def _vit(m: nn.Module, x: Tensor, form: str) -> Tensor:
     if form == "no_final_norm":
         return m.head(z[:, 0])
     z = m.norm(z)
-    pooled = z.mean(1) if form in ("mean_tokens", "no_cls_mean") else z[:, -1] if form == "last_token" else z[:, 0]
+    pooled = (z.mean(1) if form in ("mean_tokens", "no_cls_mean")
+              else z[:, -1] if form == "last_token" else z[:, 0])
     return m.head(pooled)
 
 
@@ -119,7 +121,8 @@ MISTAKES: dict[str, list[tuple[str, Callable[[nn.Module, Tensor], Tensor], str]]
         ("no_transpose", lambda m, x: m.proj(x).flatten(2),
          "输出是 (B, D, N)：flatten(2) 之后还要 transpose(1, 2)，每个 patch 一行"),
         ("column_major", lambda m, x: m.proj(x).transpose(2, 3).flatten(2).transpose(1, 2),
-         "patch 的顺序按列排了：论文和参考实现按行优先（先第 0 行从左到右，再第 1 行），不要交换 H、W"),
+         "patch 的顺序按列排了：论文和参考实现按行优先（先第 0 行从左到右，再第 1 行），"
+         "不要交换 H、W"),
     ],
     "Attention": [
         ("no_scale", lambda m, x: _attention(m, x, scale=1.0),
@@ -134,12 +137,14 @@ MISTAKES: dict[str, list[tuple[str, Callable[[nn.Module, Tensor], Tensor], str]]
          "拆头的方式不对：(B, T, D) 要先 reshape 成 (B, T, k, D_h) 再 transpose(1, 2)，"
          "直接 reshape 成 (B, k, T, D_h) 会把不同 token 的数混进一个头"),
         ("merge_heads", lambda m, x: _attention(m, x, merge_heads=False),
-         "合并各头的方式不对：(B, k, T, D_h) 要先 transpose(1, 2) 成 (B, T, k, D_h) 再 reshape 成 (B, T, D)"),
+         "合并各头的方式不对：(B, k, T, D_h) 要先 transpose(1, 2) 成 (B, T, k, D_h) "
+         "再 reshape 成 (B, T, D)"),
         ("split_and_merge", lambda m, x: _attention(m, x, split_heads=False, merge_heads=False),
          "拆头与合并都少了 transpose：reshape 只改变形状，不会把 token 维和头维交换"),
     ],
     "MLP": [
-        ("relu", lambda m, x: m.fc2(F.relu(m.fc1(x))), "激活函数用了 ReLU，论文用 GELU（第 3.1 节）"),
+        ("relu", lambda m, x: m.fc2(F.relu(m.fc1(x))),
+         "激活函数用了 ReLU，论文用 GELU（第 3.1 节）"),
         ("gelu_tanh", lambda m, x: m.fc2(F.gelu(m.fc1(x), approximate="tanh")),
          "用了 tanh 近似的 GELU；参考实现（与 torchvision、timm 相同）是精确的 erf 形式 nn.GELU()"),
         ("no_activation", lambda m, x: m.fc2(m.fc1(x)),
@@ -147,37 +152,45 @@ MISTAKES: dict[str, list[tuple[str, Callable[[nn.Module, Tensor], Tensor], str]]
     ],
     "Block": [
         ("post_norm", lambda m, x: _block(m, x, "post_norm"),
-         "用了 post-norm（原始 Transformer 的 LN(z + Sublayer(z))）；ViT 是 pre-norm：z' = MSA(LN(z)) + z（公式 2-3）"),
+         "用了 post-norm（原始 Transformer 的 LN(z + Sublayer(z))）；"
+         "ViT 是 pre-norm：z' = MSA(LN(z)) + z（公式 2-3）"),
         ("no_attn_residual", lambda m, x: _block(m, x, "no_attn_residual"),
          "注意力那一支少了残差连接：公式 2 是 z' = MSA(LN(z)) + z"),
         ("no_mlp_residual", lambda m, x: _block(m, x, "no_mlp_residual"),
          "MLP 那一支少了残差连接：公式 3 是 z = MLP(LN(z')) + z'"),
-        ("no_norm", lambda m, x: _block(m, x, "no_norm"), "两个子层之前都没有 LayerNorm（norm1、norm2）"),
+        ("no_norm", lambda m, x: _block(m, x, "no_norm"),
+         "两个子层之前都没有 LayerNorm（norm1、norm2）"),
     ],
     "VisionTransformer": [
         ("no_cls", lambda m, x: _vit(m, x, "no_cls"),
-         "没有在序列前面拼接 [CLS] token（公式 1 的 x_class），分类用的第 0 个 token 其实是第一个 patch"),
+         "没有在序列前面拼接 [CLS] token（公式 1 的 x_class），"
+         "分类用的第 0 个 token 其实是第一个 patch"),
         ("no_cls_mean", lambda m, x: _vit(m, x, "no_cls_mean"),
-         "没有在序列前面拼接 [CLS] token（公式 1 的 x_class），而是对 patch 取平均；这个练习要 [CLS] 的输出 z_L^0"),
+         "没有在序列前面拼接 [CLS] token（公式 1 的 x_class），而是对 patch 取平均；"
+         "这个练习要 [CLS] 的输出 z_L^0"),
         ("cls_appended", lambda m, x: _vit(m, x, "cls_appended"),
          "[CLS] 拼在了序列末尾：它应当是第 0 个 token，位置编码的第 0 行属于它"),
         ("no_pos", lambda m, x: _vit(m, x, "no_pos"), "没有加位置编码 E_pos（公式 1）"),
         ("last_token", lambda m, x: _vit(m, x, "last_token"),
          "分类用了最后一个 token；应当用 [CLS] 的输出 z_L^0（公式 4）"),
         ("mean_tokens", lambda m, x: _vit(m, x, "mean_tokens"),
-         "分类用了所有 token 的平均（那是 GAP，附录 D.3）；这个练习用 [CLS] 的输出 z_L^0（公式 4）"),
+         "分类用了所有 token 的平均（那是 GAP，附录 D.3）；"
+         "这个练习用 [CLS] 的输出 z_L^0（公式 4）"),
         ("no_final_norm", lambda m, x: _vit(m, x, "no_final_norm"),
          "分类头之前少了最后的 LayerNorm（公式 4：y = LN(z_L^0)）"),
     ],
 }
 
 GENERAL_HINTS = {
-    "PatchEmbed": "检查卷积的 kernel_size 和 stride 是否都等于 patch_size，以及 flatten(2).transpose(1, 2)。",
+    "PatchEmbed": "检查卷积的 kernel_size 和 stride 是否都等于 patch_size，"
+                  "以及 flatten(2).transpose(1, 2)。",
     "Attention": "检查 qkv 的切分（[q | k | v]，各 D 列）、缩放 1/√D_h、softmax 的维度、"
                  "拆头和合并头时的 transpose、输出投影 proj。",
     "MLP": "检查 fc1 → GELU → fc2 的顺序。",
-    "Block": "检查 pre-norm 的顺序（norm1 → attn → 加残差，norm2 → mlp → 加残差），以及 LayerNorm 的 eps=1e-6。",
-    "VisionTransformer": "检查 [CLS] 的拼接位置、位置编码的加法、每个 Block、最后的 norm 和取第 0 个 token。",
+    "Block": "检查 pre-norm 的顺序（norm1 → attn → 加残差，norm2 → mlp → 加残差），"
+             "以及 LayerNorm 的 eps=1e-6。",
+    "VisionTransformer": "检查 [CLS] 的拼接位置、位置编码的加法、"
+                         "每个 Block、最后的 norm 和取第 0 个 token。",
 }
 
 
@@ -194,8 +207,8 @@ def _build(name: str, cls: type) -> nn.Module:
         return cls(DIM, int(DIM * RATIO))
     if name == "Block":
         return cls(DIM, HEADS, RATIO)
-    return cls(img_size=IMG, patch_size=PATCH, in_chans=CH, num_classes=CLASSES, embed_dim=DIM, depth=DEPTH,
-               num_heads=HEADS, mlp_ratio=RATIO)
+    return cls(img_size=IMG, patch_size=PATCH, in_chans=CH, num_classes=CLASSES, embed_dim=DIM,
+               depth=DEPTH, num_heads=HEADS, mlp_ratio=RATIO)
 
 
 def _input(name: str) -> Tensor:
@@ -211,7 +224,8 @@ def _output(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def _where(exc: BaseException, path: Path) -> str:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if Path(f.filename).resolve() == path.resolve()]
     return f"（{path.name} 第 {frames[-1].lineno} 行）" if frames else ""
 
 
@@ -221,7 +235,8 @@ def check_one(name: str, student: ModuleType, path: Path) -> Result:
         return Result(name, False, f"{path.name} 里没有 nn.Module 子类 {name}")
     torch.manual_seed(0)
     reference = _build(name, getattr(ref, name)).eval()
-    with torch.no_grad():  # random, non-zero values everywhere, so that no mistake hides behind a zero
+    # random, non-zero values everywhere, so that no mistake hides behind a zero
+    with torch.no_grad():
         for p in reference.parameters():
             p.normal_(0, 0.5)
     try:
@@ -235,10 +250,11 @@ def check_one(name: str, student: ModuleType, path: Path) -> Result:
     shapes = [f"{k}: 应为 {tuple(ours[k].shape)}，实际 {tuple(theirs[k].shape)}"
               for k in sorted(ours.keys() & theirs.keys()) if ours[k].shape != theirs[k].shape]
     if missing or extra or shapes:
-        parts = ([f"缺少参数 {missing}"] if missing else []) + ([f"多出参数 {extra}"] if extra else []) + shapes
+        parts = (([f"缺少参数 {missing}"] if missing else [])
+                 + ([f"多出参数 {extra}"] if extra else []) + shapes)
         return Result(name, False, "参数名或形状与参考实现不同：" + "；".join(parts),
-                      "属性名要与 exercise_vit.py 的说明一致（proj、qkv、fc1、fc2、norm1、attn、norm2、mlp、"
-                      "patch_embed、cls_token、pos_embed、blocks、norm、head）")
+                      "属性名要与 exercise_vit.py 的说明一致（proj、qkv、fc1、fc2、norm1、attn、"
+                      "norm2、mlp、patch_embed、cls_token、pos_embed、blocks、norm、head）")
     mine.load_state_dict(ours)
     x = _input(name)
     with torch.no_grad():
@@ -252,9 +268,11 @@ def check_one(name: str, student: ModuleType, path: Path) -> Result:
         if not isinstance(got, Tensor):
             return Result(name, False, f"forward 应返回张量，实际返回 {type(got).__name__}")
         matched = [(key, hint) for key, fn, hint in MISTAKES[name]
-                   if (w := fn(reference, x)).shape == got.shape and torch.allclose(w, got, atol=1e-4, rtol=1e-4)]
+                   if (w := fn(reference, x)).shape == got.shape
+                   and torch.allclose(w, got, atol=1e-4, rtol=1e-4)]
     if got.shape != expected.shape:
-        return Result(name, False, f"输出形状不对：应为 {tuple(expected.shape)}，实际 {tuple(got.shape)}",
+        return Result(name, False, f"输出形状不对：应为 {tuple(expected.shape)}，"
+                                   f"实际 {tuple(got.shape)}",
                       matched[0][1] if matched else GENERAL_HINTS[name], [k for k, _ in matched])
     err = (got - expected).abs().max().item()
     if err > TOL:
@@ -283,9 +301,11 @@ def check(path: str | Path) -> list[Result]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", nargs="?", default="exercise_vit.py",
-                   help="a Python file that defines PatchEmbed, Attention, MLP, Block and VisionTransformer")
+                   help="a Python file that defines PatchEmbed, Attention, MLP, Block and "
+                        "VisionTransformer")
     args = p.parse_args(argv)
     results = check(args.file)
     for r in results:

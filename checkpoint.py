@@ -1,60 +1,104 @@
-"""Checkpoint files of train_cifar10.py: written atomically, read with weights_only, and turned back
-into the model they describe. The figures and the trainer both use this module; it knows nothing of
-training.
+"""Checkpoint files: the format of a run's checkpoint and what resuming needs, atomic writes,
+weights-only reads, repair after a crash, and export of a model for inference with its card.
+The figures and the trainer both use this module; it knows nothing of training.
 
-A checkpoint is a dict of tensors and plain values: `model_config` (a ViTConfig as a dict, or a
-ResNetConfig with arch "resnet" for the CNN baseline), `model`
-and `ema` (state dicts), `classes`, `normalize` ({"mean", "std"} of the inputs), and, for resuming,
-the training state (`config`, `optimizer`, `scaler`, `epoch`, `step`, `best_acc`, `history`, ...).
+A run's checkpoint (`last.pt`, `best.pt`) is a dict of tensors and plain values:
+- `model_config` (a ViTConfig as a dict, or a ResNetConfig with arch "resnet" for the CNN
+  baseline), `model` and `ema` (state dicts), `classes`, `normalize` ({"mean", "std"} of the
+  inputs): all that inference needs;
+- for resuming: `config` (the TrainConfig), `optimizer` (one state per optimiser), `scaler`,
+  `time_budget` (the schedule's state) and the RunState fields (`epoch`, `step`, `best_acc`,
+  `history`, `wandb_run_id`).
+Older files also hold `rng_states`; they are no longer needed, since every batch reseeds the
+random generators from (seed, rank, epoch, step) (data.TrainBatches), and are ignored.
+An exported file holds only the inference part, in half precision, with a JSON card beside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import nn
 
-from cnn_model import ResNetCIFAR, ResNetConfig
-from data import CIFAR10_MEAN, CIFAR10_STD, normalize
-from vit_model import VisionTransformer, ViTConfig, load_state_dict_checked
+from config import build_model
+from data import CIFAR10_MEAN, CIFAR10_STD
+from vit_model import load_state_dict_checked
 
-# The trained model that ships with the repository (weights only, half precision) and its card.
-SHIPPED_MODEL = Path(__file__).resolve().parent / "checkpoints" / "vit_cifar_tiny_cpu.pt"
+RESUME_KEYS = ("config", "model_config", "model", "optimizer", "scaler", "epoch", "step",
+               "best_acc", "history")
 
 
 class CheckpointError(ValueError):
     """A file that is not a readable checkpoint of this project."""
 
 
-def _crash_point(path: Path, stage: str) -> None:
-    """Crash-consistency tests: VIT_CRASH_AT=NAME:STAGE:N (e.g. best.pt:tmp:2) ends the process
-    abruptly, like kill -9, at the N-th save of NAME, after the temporary file is written (tmp) or
-    after it replaced NAME (done)."""
-    spec = os.environ.get("VIT_CRASH_AT")
-    if not spec or spec.split(":")[0] != path.name:
-        return
-    name, at, n = spec.split(":")
-    if stage == "tmp":
-        _SAVES[name] = _SAVES.get(name, 0) + 1
-    if stage == at and _SAVES[name] == int(n):
-        os._exit(99)
+@dataclass
+class RunState:
+    """Where a run stands after its finished epochs; saved in every checkpoint, restored by
+    --resume."""
+
+    epoch: int = 0  # finished epochs
+    step: int = 0
+    best_acc: float = 0.0  # best accuracy on all evaluation images
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+    wandb_run_id: str | None = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any] | None) -> RunState:
+        return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)}) if ckpt else cls()
 
 
-_SAVES: dict[str, int] = {}  # saves per file name in this process, for VIT_CRASH_AT
+def run_checkpoint(config: dict[str, Any], model_config: dict[str, Any],
+                   trained: dict[str, Any], run: RunState, schedule: dict[str, Any],
+                   classes: list[str], mean: tuple[float, ...], std: tuple[float, ...]
+                   ) -> dict[str, Any]:
+    """A run's checkpoint; `trained` holds model, ema, optimizer and scaler (Learner.state_dict)."""
+    return {"config": config, "model_config": model_config, **trained, **dataclasses.asdict(run),
+            "time_budget": schedule, "classes": classes,
+            "normalize": {"mean": list(mean), "std": list(std)}}
 
+
+# --------------------------------------------------------------------------------------------
+# Writing and reading
+# --------------------------------------------------------------------------------------------
 
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
-    _crash_point(path, "tmp")
     os.replace(tmp, path)
-    _crash_point(path, "done")
+
+
+def save_run(state: dict[str, Any], run_dir: Path, is_best: bool) -> None:
+    """last.pt after every epoch, then best.pt when the epoch is the best so far (a crash between
+    the two is mended by repair_best on resume)."""
+    atomic_save(state, run_dir / "last.pt")
+    if is_best:
+        atomic_save(state, run_dir / "best.pt")
+
+
+def check_writable(folder: Path, files: tuple[str, ...] = ()) -> None:
+    """Create the folder and check that files can be written there (before the first step)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if (folder / name).is_dir():
+                raise IsADirectoryError(f"{folder / name} is a folder")
+        probe = folder / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to {folder}: {e}") from e
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
@@ -63,35 +107,67 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     if p.is_dir():
         p = p / "last.pt"
     if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {p}" + (" (it is a folder)" if p.is_dir() else ""))
+        folder = " (it is a folder)" if p.is_dir() else ""
+        raise FileNotFoundError(f"no checkpoint at {p}{folder}")
     return p
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
-                    required: tuple[str, ...] = ("model_config", "model")) -> dict[str, Any]:
-    """Load a checkpoint with weights_only (no code runs from the file), checking that it is one of
-    ours: a dict with the `required` entries. Anything else is a CheckpointError naming the file."""
+                    required: tuple[str, ...] = ("model_config", "model"), mmap: bool = False
+                    ) -> dict[str, Any]:
+    """Load a checkpoint with weights_only (no code runs from the file), checking that it is one
+    of ours: a dict with the `required` entries. Anything else is a CheckpointError naming the
+    file. mmap: tensors are read from the file when used (a quick look at the settings)."""
     p = resolve_checkpoint_path(path)
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # zero-byte, truncated, text, pickles with code: each raises its own type
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # zero-byte, truncated, text, pickles with code: each its own type
+        first = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(f"cannot read checkpoint {p} ({p.stat().st_size:,} bytes): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                              f"{type(e).__name__}: {first}") from e
     missing = [k for k in required if not (isinstance(ckpt, dict) and k in ckpt)]
     if missing:
+        keys = f" with keys {sorted(ckpt)[:8]}" if isinstance(ckpt, dict) else ""
         raise CheckpointError(f"{p} is not a checkpoint of train_cifar10.py: it has no {missing} "
-                              f"(found {type(ckpt).__name__}"
-                              + (f" with keys {sorted(ckpt)[:8]})" if isinstance(ckpt, dict) else ")"))
+                              f"(found {type(ckpt).__name__}{keys})")
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> VisionTransformer | ResNetCIFAR:
+def repair_best(run_dir: Path, ckpt: dict[str, Any]) -> None:
+    """last.pt is written before best.pt, so a crash between the two can leave last.pt recording
+    a new best epoch that best.pt does not hold; last.pt then holds that epoch's weights itself,
+    and best.pt is rebuilt from it."""
+    best = run_dir / "best.pt"
+    hist = ckpt["history"]
+    if not (hist and hist[-1].get("eval_acc") == ckpt["best_acc"] and ckpt["best_acc"] > 0):
+        return  # the last epoch was not the best: best.pt was not due to change
+    held = load_checkpoint(best)["best_acc"] if best.is_file() else None
+    if held != ckpt["best_acc"]:
+        atomic_save(ckpt, best)
+        print(f"repaired {best}: it now holds epoch {ckpt['epoch']} "
+              f"({100 * ckpt['best_acc']:.2f}%), the best epoch recorded in last.pt (its write had "
+              f"been interrupted)", file=sys.stderr)
+
+
+def prepare_run_dir(run_dir: Path, resumed: dict[str, Any] | None) -> None:
+    """Before the first step: the run folder is writable, and a resumed run's best.pt is
+    repaired if a crash interrupted its write."""
+    check_writable(run_dir, ("last.pt", "best.pt"))
+    if resumed is not None:
+        repair_best(run_dir, resumed)
+
+
+# --------------------------------------------------------------------------------------------
+# The model a checkpoint describes
+# --------------------------------------------------------------------------------------------
+
+def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> nn.Module:
     """Rebuild the model a checkpoint describes and load its (EMA, if present) weights."""
     try:
-        mc = ckpt["model_config"]
-        model = ResNetCIFAR(ResNetConfig(**mc)) if mc.get("arch") == "resnet" else VisionTransformer(ViTConfig(**mc))
+        model = build_model(ckpt["model_config"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint's model_config does not describe a model: {e}") from e
+        raise CheckpointError(f"the checkpoint's model_config does not describe a model: "
+                              f"{e}") from e
     state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     load_state_dict_checked(model, state)
     return model
@@ -111,20 +187,9 @@ def find_latest_checkpoint(root: str | Path = "checkpoints") -> Path | None:
     return (best or found or [None])[-1]
 
 
-@torch.inference_mode()
-def top_k(model: VisionTransformer, images: Tensor, mean: tuple, std: tuple, classes: list[str] | None,
-          k: int = 3) -> list[list[tuple[str, float]]]:
-    """The k most probable classes of each uint8 image (B, 3, H, W) with their softmax probabilities."""
-    return top_classes(model(normalize(images, mean, std)), classes, k)
-
-
-def top_classes(logits: Tensor, classes: list[str] | None, k: int = 3) -> list[list[tuple[str, float]]]:
-    """The k most probable classes of each row of logits (B, num_classes), with their probabilities."""
-    probs = logits.float().softmax(-1)  # (B, num_classes)
-    p, i = probs.topk(min(k, probs.shape[-1]), dim=-1)
-    name = (lambda c: classes[c]) if classes else str
-    return [[(name(int(c)), float(q)) for q, c in zip(pr, ix, strict=True)] for pr, ix in zip(p, i, strict=True)]
-
+# --------------------------------------------------------------------------------------------
+# Export for inference, and its card
+# --------------------------------------------------------------------------------------------
 
 def sha256_of(path: str | Path) -> str:
     h = hashlib.sha256()
@@ -146,33 +211,24 @@ def export_weights(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
     state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     out = {"model_config": ckpt["model_config"],
            "model": {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
-           "classes": ckpt.get("classes"), "normalize": ckpt.get("normalize"), "config": ckpt.get("config")}
+           "classes": ckpt.get("classes"), "normalize": ckpt.get("normalize"),
+           "config": ckpt.get("config")}
     atomic_save(out, Path(path))
     return out
 
 
-def load_pretrained_cifar(path: str | Path = SHIPPED_MODEL, check_hash: bool = True) -> VisionTransformer:
-    """The shipped CIFAR-10 model, in eval mode, in one line:
-
-        model = load_pretrained_cifar()  # model.pretrained_cfg: classes, mean, std, card
-
-    It expects images scaled to [0, 1] and normalised with model.pretrained_cfg's mean and std
-    (data.normalize does both for uint8 images). With check_hash the file must match its card's
-    sha256.
-    """
-    path = Path(path)
-    card_file = card_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model at {path} (the repository ships one as checkpoints/{SHIPPED_MODEL.name})")
-    card = json.loads(card_file.read_text()) if card_file.is_file() else None
-    if check_hash:
-        if card is None:
-            raise FileNotFoundError(f"no card {card_file} next to {path} to check its sha256 against")
-        if sha256_of(path) != card["sha256"]:
-            raise CheckpointError(f"{path} does not match the sha256 in {card_file.name}: the file was changed "
-                                  f"or damaged")
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt).eval()
-    mean, std = input_normalization(ckpt)
-    model.pretrained_cfg = {"classes": list(ckpt["classes"]), "mean": mean, "std": std, "card": card}
-    return model
+def export(ckpt: dict[str, Any], path: Path, measure: Callable[[dict[str, Any]], dict[str, Any]]
+           ) -> dict[str, Any]:
+    """Write the half-precision weights file and its card PATH.json: what the file is (sha256,
+    size, parameters, config, classes, normalisation), then what `measure` found when it read
+    the written file back (accuracies, sample predictions, ...). Returns the card."""
+    check_writable(path.parent)
+    export_weights(ckpt, path)
+    shipped = load_checkpoint(path)
+    facts = measure(shipped)
+    card = {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
+            "dtype": "float16", "parameters": sum(v.numel() for v in shipped["model"].values()),
+            "model_config": shipped["model_config"], "classes": shipped["classes"],
+            "normalize": shipped["normalize"], **facts, "date": time.strftime("%Y-%m-%d")}
+    card_path(path).write_text(json.dumps(card, indent=1) + "\n")
+    return card

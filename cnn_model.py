@@ -32,16 +32,18 @@ class ResNetConfig:
     blocks: tuple[int, ...] = (2, 2, 2)
 
     def __post_init__(self) -> None:
-        self.widths, self.blocks = tuple(self.widths), tuple(self.blocks)  # lists when read from JSON
+        # lists when read from JSON
+        self.widths, self.blocks = tuple(self.widths), tuple(self.blocks)
         if self.arch != "resnet":
             raise ValueError(f"arch must be 'resnet', got {self.arch!r}")
         if not (self.widths and len(self.widths) == len(self.blocks) and min(self.widths) >= 1
                 and min(self.blocks) >= 1):
-            raise ValueError(f"widths and blocks must be equally long lists of positive numbers, got "
-                             f"{self.widths} and {self.blocks}")
+            raise ValueError(f"widths and blocks must be equally long lists of positive numbers, "
+                             f"got {self.widths} and {self.blocks}")
         if self.img_size % 2 ** (len(self.widths) - 1):
-            raise ValueError(f"img_size {self.img_size} must be divisible by 2^{len(self.widths) - 1} "
-                             f"(each stage after the first halves the map)")
+            raise ValueError(f"img_size {self.img_size} must be divisible by "
+                             f"2^{len(self.widths) - 1} (each stage after the first halves "
+                             f"the map)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,8 +70,8 @@ class ResNetCIFAR(nn.Module):
         self.config = cfg
         self.num_classes = cfg.num_classes
         w0 = cfg.widths[0]
-        self.stem = nn.Sequential(nn.Conv2d(cfg.in_chans, w0, 3, padding=1, bias=False), nn.BatchNorm2d(w0),
-                                  nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(cfg.in_chans, w0, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(w0), nn.ReLU(inplace=True))
         stages, a = [], w0
         for i, (b, n) in enumerate(zip(cfg.widths, cfg.blocks, strict=True)):
             layers = []

@@ -3,8 +3,9 @@ train_cifar10.py's own loop and summarised as a table and a plot.
 
     python compare_configs.py --list
     python compare_configs.py --study patch --budget-min 4 --data-dir /tmp/cifar10
-    python compare_configs.py --study patch posembed classifier size data --budget-min 4 --data-dir /tmp/cifar10
-    python compare_configs.py --study data --epochs 30 --data-dir data         # equal epochs (a GPU)
+    python compare_configs.py --study patch posembed classifier size data --budget-min 4 \\
+        --data-dir /tmp/cifar10
+    python compare_configs.py --study data --epochs 30 --data-dir data  # equal epochs (a GPU)
 
 Every run is the baseline BASE with one change: the CPU preset of train_cifar10.py with AdamW (the
 one optimiser both the ViT and the CNN of the `data` study can use) and without flip averaging
@@ -47,14 +48,22 @@ from tqdm import tqdm  # noqa: E402
 import train_cifar10 as tc  # noqa: E402
 from benchmark import cpu_name, reference_speed  # noqa: E402
 from checkpoint import input_normalization, load_checkpoint, model_from_checkpoint  # noqa: E402
-from cnn_model import ResNetCIFAR  # noqa: E402
-from data import DataNotFoundError, ImageData, load_dataset  # noqa: E402
-from vit_model import VisionTransformer, estimate_flops  # noqa: E402
+from config import (  # noqa: E402
+    PLACE,
+    PRESETS,
+    TrainConfig,
+    build_model,
+    config_command,
+    model_config_of,
+    parse_settings,
+    validate,
+)
+from data import ImageData, load_dataset  # noqa: E402
+from runtime import run_cli  # noqa: E402
+from vit_model import ViTConfig, estimate_flops  # noqa: E402
 
-BASE: dict[str, Any] = {**tc.PRESETS["cpu"], "optimizer": "adamw", "tta_flip": False, "val_split": 5000,
-                        "wandb": "off"}  # plain accuracy: no flip averaging in the studies
-# Settings that say where things go, not what is trained: not part of a run's identity.
-PLACE = ("data_dir", "download", "out_dir", "run_name", "wandb", "wandb_project", "device", "threads")
+BASE: dict[str, Any] = {**PRESETS["cpu"], "optimizer": "adamw", "tta_flip": False,
+                        "val_split": 5000, "wandb": "off"}  # plain accuracy: no flip averaging
 SAME_MACHINE = 1.25  # reference speeds further apart than this ratio are different machines
 
 
@@ -83,28 +92,35 @@ def baseline(label: str, **plot: Any) -> list[Run]:
 def _data_runs() -> list[Run]:
     runs = baseline("ViT, 100%", line="ViT (vit_cifar_tiny)", x=1.0)
     for frac in (0.5, 0.25, 0.1):
-        runs.append(Run(f"ViT, {frac:.0%}", {"train_fraction": frac}, line="ViT (vit_cifar_tiny)", x=frac))
+        runs.append(Run(f"ViT, {frac:.0%}", {"train_fraction": frac}, line="ViT (vit_cifar_tiny)",
+                        x=frac))
     # the CNN: no ViT-only settings (a --set of the ViT's size is undone too)
     cnn = {"model": "resnet_cifar", "patch_drop": 0.0, "full_token_epochs": 0,
            **dict.fromkeys(("embed_dim", "depth", "num_heads", "mlp_ratio"))}
     for frac in (1.0, 0.5, 0.25, 0.1):
-        runs.append(Run(f"ResNet, {frac:.0%}", {**cnn, "train_fraction": frac}, line="ResNet (resnet_cifar)", x=frac))
+        runs.append(Run(f"ResNet, {frac:.0%}", {**cnn, "train_fraction": frac},
+                        line="ResNet (resnet_cifar)", x=frac))
     return runs
 
 
 STUDIES: dict[str, Study] = {s.name: s for s in (
-    Study("patch", "patch size 2 / 4 / 8 on 32x32 images (256 / 64 / 16 tokens): accuracy vs compute", [
+    Study("patch", "patch size 2 / 4 / 8 on 32x32 images (256 / 64 / 16 tokens): "
+          "accuracy vs compute", [
         *baseline("P=4, 64 tokens (baseline)"), Run("P=2, 256 tokens", {"patch_size": 2}),
         Run("P=8, 16 tokens", {"patch_size": 8})]),
-    Study("posembed", "position embedding: learned / fixed 2-D sin-cos / none (Appendix D.4, Table 8)", [
+    Study("posembed", "position embedding: learned / fixed 2-D sin-cos / none "
+          "(Appendix D.4, Table 8)", [
         *baseline("learned (baseline)"), Run("2-D sin-cos, fixed", {"pos_embed": "sincos"}),
         Run("none", {"pos_embed": "none"})]),
-    Study("classifier", "[CLS] token vs global average pooling, each at two learning rates (Appendix D.3)", [
+    Study("classifier", "[CLS] token vs global average pooling, each at two learning rates "
+          "(Appendix D.3)", [
         *baseline("GAP, lr 1e-3 (baseline)"), Run("GAP, lr 3e-4", {"lr": 3e-4}),
-        Run("[CLS], lr 1e-3", {"classifier": "token"}), Run("[CLS], lr 3e-4", {"classifier": "token", "lr": 3e-4})]),
+        Run("[CLS], lr 1e-3", {"classifier": "token"}),
+        Run("[CLS], lr 3e-4", {"classifier": "token", "lr": 3e-4})]),
     Study("size", "width D and depth L at equal time (Figure 8's axes)", [
-        *baseline("D=128, L=6 (baseline)"), Run("D=64, L=6", {"embed_dim": 64}), Run("D=192, L=6", {"embed_dim": 192}),
-        Run("D=128, L=3", {"depth": 3}), Run("D=128, L=12", {"depth": 12})]),
+        *baseline("D=128, L=6 (baseline)"), Run("D=64, L=6", {"embed_dim": 64}),
+        Run("D=192, L=6", {"embed_dim": 192}), Run("D=128, L=3", {"depth": 3}),
+        Run("D=128, L=12", {"depth": 12})]),
     Study("data", "ViT vs a ResNet of similar size on 10-100% of the training images (Figures 3-4)",
           _data_runs(), plot="lines"),
 )}
@@ -114,29 +130,31 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
 # Configs, rows and the results file of a study
 # --------------------------------------------------------------------------------------------
 
-def run_config(run: Run, budget: dict[str, Any], base: dict[str, Any]) -> tc.TrainConfig:
-    """The full training config of a run: defaults < BASE (with --set) < the run's change < budget."""
-    cfg = tc.TrainConfig(**{**base, **run.changes, "seed": run.seed, **budget})
-    tc.validate(cfg)
+def run_config(run: Run, budget: dict[str, Any], base: dict[str, Any]) -> TrainConfig:
+    """The full training config of a run: defaults < BASE (with --set) < the run's change <
+    budget."""
+    cfg = TrainConfig(**{**base, **run.changes, "seed": run.seed, **budget})
+    validate(cfg)
     return cfg
 
 
-def run_key(cfg: tc.TrainConfig) -> str:
+def run_key(cfg: TrainConfig) -> str:
     """A run's identity: everything that changes what is trained (not where files go)."""
     what = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PLACE}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def model_cost(cfg: tc.TrainConfig, num_classes: int) -> tuple[int, float]:
-    """Parameters and forward MFLOPs per image (all tokens; a multiply-add counts 2): the ViT's from
-    estimate_flops, the CNN's from PyTorch's FLOP counter."""
-    mcfg = tc.model_config_of(cfg, num_classes)
-    if cfg.model != "resnet_cifar":
-        return sum(p.numel() for p in VisionTransformer(mcfg).parameters()), estimate_flops(mcfg)["total"] / 1e6
-    model = ResNetCIFAR(mcfg).eval()
+def model_cost(cfg: TrainConfig, num_classes: int) -> tuple[int, float]:
+    """Parameters and forward MFLOPs per image (all tokens; a multiply-add counts 2): the ViT's
+    from estimate_flops, the CNN's from PyTorch's FLOP counter."""
+    mcfg = model_config_of(cfg, num_classes)
+    model = build_model(mcfg).eval()
+    params = sum(p.numel() for p in model.parameters())
+    if isinstance(mcfg, ViTConfig):
+        return params, estimate_flops(mcfg)["total"] / 1e6
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(1, mcfg.in_chans, mcfg.img_size, mcfg.img_size))
-    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 1e6
+    return params, counter.get_total_flops() / 1e6
 
 
 class Results:
@@ -149,8 +167,8 @@ class Results:
             try:
                 self.rows = json.loads(self.path.read_text())["rows"]
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.path} is not a results file of compare_configs.py ({e}); move it away "
-                                 f"to start the study again") from e
+                raise ValueError(f"{self.path} is not a results file of compare_configs.py ({e}); "
+                                 f"move it away to start the study again") from e
 
     def find(self, key: str) -> dict[str, Any] | None:
         return next((r for r in self.rows if r["key"] == key), None)
@@ -169,49 +187,48 @@ def check_machine(rows: list[dict[str, Any]], ref: float, where: str) -> None:
         theirs = r["machine"]["ref_img_s"]
         if r["config"]["time_budget"] and max(theirs / ref, ref / theirs) > SAME_MACHINE:
             raise ValueError(
-                f"{where} holds equal-time rows measured on a machine at {theirs:.0f} img/s on the reference "
-                f"(`python benchmark.py model`); this one measures {ref:.0f} img/s. Their accuracies at equal "
-                f"time would not compare: use another --out folder, or --epochs")
+                f"{where} holds equal-time rows measured on a machine at {theirs:.0f} img/s "
+                f"on the reference (`python benchmark.py model`); this one measures {ref:.0f} "
+                f"img/s. Their accuracies at equal time would not compare: use another --out "
+                f"folder, or --epochs")
 
 
 # --------------------------------------------------------------------------------------------
 # Running a study
 # --------------------------------------------------------------------------------------------
 
-def train_run(study: str, run: Run, cfg: tc.TrainConfig, args: argparse.Namespace, data: ImageData) -> Path:
-    """Train one run through train_cifar10.train (continuing its last.pt if it was interrupted)."""
-    key = run_key(cfg)
-    run_dir = Path(args.checkpoint_dir) / study / f"{study}-{key}"
-    if (run_dir / "last.pt").is_file():
-        tqdm.write(f"continuing {run.label!r} from {run_dir / 'last.pt'}")
-        argv = ["--resume", str(run_dir / "last.pt"), "--data-dir", args.data_dir]
-    else:
-        default = dataclasses.asdict(tc.TrainConfig())
-        fields = {**{k: v for k, v in dataclasses.asdict(cfg).items() if v != default[k]},
-                  "data_dir": args.data_dir, "out_dir": str(run_dir.parent), "run_name": run_dir.name}
-        argv = [a for k, v in fields.items() for a in (tc._flag(k, v).split(" ", 1))]
-    tc.train(tc.parse_args(argv), data=data)
+def train_run(study: str, run: Run, cfg: TrainConfig, args: argparse.Namespace,
+              data: ImageData) -> Path:
+    """Train one run with train_cifar10.train (continuing its last.pt if it was interrupted)."""
+    run_dir = Path(args.checkpoint_dir) / study / f"{study}-{run_key(cfg)}"
+    last = run_dir / "last.pt"
+    if last.is_file():
+        tqdm.write(f"continuing {run.label!r} from {last}")
+    placed = cfg.replace(data_dir=args.data_dir, out_dir=str(run_dir.parent), run_name=run_dir.name)
+    tc.train(placed, resume=last if last.is_file() else None, data=data)
     return run_dir
 
 
-def make_row(study: str, run: Run, cfg: tc.TrainConfig, run_dir: Path, data: ImageData,
+def make_row(study: str, run: Run, cfg: TrainConfig, run_dir: Path, data: ImageData,
              machine: dict[str, Any]) -> dict[str, Any]:
     ckpt = load_checkpoint(run_dir / "last.pt")
     hist = ckpt["history"]
     best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else ckpt
-    test = tc.evaluate(model_from_checkpoint(best), data.test_x, data.test_y, *input_normalization(best),
-                       cfg.eval_batch_size)["acc"]
+    test = tc.evaluate(model_from_checkpoint(best), data.test_x, data.test_y,
+                       *input_normalization(best), cfg.eval_batch_size)["acc"]
     params, mflops = model_cost(cfg, len(data.classes))
     train_s = sum(h["epoch_time"] for h in hist)
     return {
-        "study": study, "label": run.label, "seed": run.seed, "baseline": run.baseline, "line": run.line,
-        "x": run.x, "key": run_key(cfg), "config": dataclasses.asdict(cfg),
-        "command": tc.config_command(dataclasses.asdict(cfg)), "val_acc": round(100 * ckpt["best_acc"], 2),
-        "test_acc": round(100 * test, 2), "epochs": len(hist), "minutes": round(hist[-1]["elapsed_min"], 2),
-        "images_per_sec": round(sum(h["images_per_sec"] * h["epoch_time"] for h in hist) / train_s, 1),
+        "study": study, "label": run.label, "seed": run.seed, "baseline": run.baseline,
+        "line": run.line, "x": run.x, "key": run_key(cfg), "config": dataclasses.asdict(cfg),
+        "command": config_command(cfg), "val_acc": round(100 * ckpt["best_acc"], 2),
+        "test_acc": round(100 * test, 2), "epochs": len(hist),
+        "minutes": round(hist[-1]["elapsed_min"], 2),
+        "images_per_sec": round(sum(h["images_per_sec"] * h["epoch_time"] for h in hist)
+                                / train_s, 1),
         "train_images": len(tc.split_data(cfg, data, torch.device("cpu"), 0, 1)[1]),
-        "params": params, "mflops": round(mflops, 1), "machine": machine, "date": time.strftime("%Y-%m-%d"),
-        "run_dir": str(run_dir),
+        "params": params, "mflops": round(mflops, 1), "machine": machine,
+        "date": time.strftime("%Y-%m-%d"), "run_dir": str(run_dir),
     }
 
 
@@ -221,13 +238,14 @@ def run_studies(args: argparse.Namespace) -> None:
     base = {**BASE, **args.set}
     out = Path(args.out)
     plans = [(STUDIES[name], Results(out, name)) for name in args.study]
-    configs = {(s.name, i): run_config(r, budget, base) for s, _ in plans for i, r in enumerate(s.runs)}
+    configs = {(s.name, i): run_config(r, budget, base)
+               for s, _ in plans for i, r in enumerate(s.runs)}
     todo = [(s, res, i) for s, res in plans for i, _ in enumerate(s.runs)
             if res.find(run_key(configs[s.name, i])) is None]
     ref = reference_speed()
     machine = {"cpu": cpu_name(), "ref_img_s": round(ref, 1), "torch": torch.__version__}
-    print(f"machine: {machine['cpu']}, reference speed {ref:.0f} img/s (vit_cifar_tiny forward + backward, "
-          f"`python benchmark.py model`)")
+    print(f"machine: {machine['cpu']}, reference speed {ref:.0f} img/s "
+          f"(vit_cifar_tiny forward + backward, `python benchmark.py model`)")
     if args.budget_min:
         for _, res in plans:
             check_machine(res.rows, ref, str(res.path))
@@ -242,19 +260,23 @@ def run_studies(args: argparse.Namespace) -> None:
                 run, cfg = s.runs[i], configs[s.name, i]
                 key = run_key(cfg)
                 done = [r for _, other in plans for r in other.rows if r["key"] == key]
-                done += [r for p in out.glob("*.json") if p.stem not in args.study for r in Results(out, p.stem).rows
-                         if r["key"] == key]
+                done += [r for p in out.glob("*.json") if p.stem not in args.study
+                         for r in Results(out, p.stem).rows if r["key"] == key]
                 if args.budget_min:
-                    done = [r for r in done if max(r["machine"]["ref_img_s"] / ref, ref / r["machine"]["ref_img_s"])
+                    done = [r for r in done
+                            if max(r["machine"]["ref_img_s"] / ref, ref / r["machine"]["ref_img_s"])
                             <= SAME_MACHINE]
-                if done:  # the same run in another study (the baseline): reuse it under this study's label
-                    tqdm.write(f"[{s.name}] {run.label}: same run as {done[0]['study']}/{done[0]['label']!r}, reused")
-                    res.add({**done[0], "study": s.name, "label": run.label, "line": run.line, "x": run.x,
-                             "baseline": run.baseline})
+                # the same run in another study (the baseline): reuse it under this study's label
+                if done:
+                    tqdm.write(f"[{s.name}] {run.label}: same run as "
+                               f"{done[0]['study']}/{done[0]['label']!r}, reused")
+                    res.add({**done[0], "study": s.name, "label": run.label, "line": run.line,
+                             "x": run.x, "baseline": run.baseline})
                 else:
-                    command = tc.config_command(dataclasses.asdict(cfg))
+                    command = config_command(cfg)
                     tqdm.write(f"[{s.name}] {run.label} (seed {run.seed}): {command}")
-                    machine["ref_img_s"] = round(reference_speed(), 1)  # just before the run: speed drifts
+                    # just before the run: speed drifts
+                    machine["ref_img_s"] = round(reference_speed(), 1)
                     run_dir = train_run(s.name, run, cfg, args, data)
                     res.add(make_row(s.name, run, cfg, run_dir, data, dict(machine)))
                 overall.update(1)
@@ -262,8 +284,8 @@ def run_studies(args: argparse.Namespace) -> None:
             if isinstance(e, SystemExit) and e.code != 130:
                 raise
             overall.close()
-            print(f"interrupted: finished runs are kept in {out}/; rerun the same command to continue (an "
-                  f"interrupted run continues from its last.pt)", file=sys.stderr)
+            print(f"interrupted: finished runs are kept in {out}/; rerun the same command to "
+                  f"continue (an interrupted run continues from its last.pt)", file=sys.stderr)
             raise SystemExit(130) from None
         overall.close()
     for s, res in plans:
@@ -290,54 +312,59 @@ def table(study: Study, res: Results) -> str:
     rows = ordered_rows(study, res)
     mean, gap = spread(rows)
     lines = [f"### {study.name}: {study.question}", "",
-             "| run | seed | val acc | vs baseline mean | beyond the spread? | test acc | epochs | img/s | params | "
-             "MFLOPs/img | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | seed | val acc | vs baseline mean | beyond the spread? | test acc | epochs | "
+             "img/s | params | MFLOPs/img | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = r["val_acc"] - mean
         lines.append(f"| {r['label']} | {r['seed']} | {r['val_acc']:.2f}% | {delta:+.2f} | "
                      f"{'baseline' if r['baseline'] else ('yes' if abs(delta) > gap else 'no')} | "
-                     f"{r['test_acc']:.2f}% | {r['epochs']} | {r['images_per_sec']:.0f} | {r['params']:,} | "
-                     f"{r['mflops']:.1f} | {r['minutes']:.1f} |")
+                     f"{r['test_acc']:.2f}% | {r['epochs']} | {r['images_per_sec']:.0f} | "
+                     f"{r['params']:,} | {r['mflops']:.1f} | {r['minutes']:.1f} |")
     refs: dict[str, list[float]] = {}
     for r in rows:
         refs.setdefault(r["machine"]["cpu"], []).append(r["machine"]["ref_img_s"])
-    lines += ["", f"Baseline: mean {mean:.2f}%, spread {gap:.2f} points over seeds 0 and 1; a difference counts only "
-              f"beyond it. Machine: " + "; ".join(
-                  f"{c} (reference {min(v):.0f}" + (f"-{max(v):.0f}" if max(v) > min(v) else "") + " img/s)"
-                  for c, v in refs.items()) + "."]
+    lines += ["", f"Baseline: mean {mean:.2f}%, spread {gap:.2f} points over seeds 0 and 1; "
+              f"a difference counts only beyond it. Machine: " + "; ".join(
+                  f"{c} (reference {min(v):.0f}" + (f"-{max(v):.0f}" if max(v) > min(v) else "")
+                  + " img/s)" for c, v in refs.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
 def plot(study: Study, res: Results, path: Path) -> None:
     rows = ordered_rows(study, res)
     mean, gap = spread(rows)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.6) if study.plot == "bars" else (6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.6) if study.plot == "bars"
+                           else (6.5, 4.2))
     budget = rows[0]["config"]["time_budget"]
     each = f"{budget:g} min per run" if budget else f"{rows[0]['config']['epochs']} epochs per run"
     if study.plot == "bars":
         names = [f"{r['label']} (seed {r['seed']})" if r["baseline"] else r["label"] for r in rows]
         ax.barh(range(len(rows)), [r["val_acc"] for r in rows],
                 color=["0.6" if r["baseline"] else "tab:blue" for r in rows])
-        ax.axvspan(mean - gap / 2, mean + gap / 2, color="tab:orange", alpha=0.4)  # baseline mean ± spread / 2
+        # baseline mean ± spread / 2
+        ax.axvspan(mean - gap / 2, mean + gap / 2, color="tab:orange", alpha=0.4)
         ax.set_yticks(range(len(rows)), names)
         ax.invert_yaxis()
         lo = min(r["val_acc"] for r in rows)
         ax.set_xlim(max(0, lo - 10), min(100, max(r["val_acc"] for r in rows) + 3))
-        ax.set_xlabel("validation accuracy (%)\norange band: baseline mean ± spread/2; grey bars: baseline runs",
-                      fontsize=9)
+        ax.set_xlabel("validation accuracy (%)\norange band: baseline mean ± spread/2; "
+                      "grey bars: baseline runs", fontsize=9)
         for i, r in enumerate(rows):
             ax.text(r["val_acc"] + 0.2, i, f"{r['val_acc']:.2f}", va="center", fontsize=8)
     else:
-        for line in dict.fromkeys(r["line"] for r in rows):  # one point per x: the mean over seeds, min-max bar
+        # one point per x: the mean over seeds, min-max bar
+        for line in dict.fromkeys(r["line"] for r in rows):
             xs = sorted({r["x"] for r in rows if r["line"] == line})
             accs = [[r["val_acc"] for r in rows if r["line"] == line and r["x"] == x] for x in xs]
             means = [statistics.mean(a) for a in accs]
-            ax.errorbar([100 * x for x in xs], means, yerr=[[m - min(a) for m, a in zip(means, accs, strict=True)],
-                                                            [max(a) - m for m, a in zip(means, accs, strict=True)]],
+            ax.errorbar([100 * x for x in xs], means,
+                        yerr=[[m - min(a) for m, a in zip(means, accs, strict=True)],
+                              [max(a) - m for m, a in zip(means, accs, strict=True)]],
                         fmt="o-", capsize=4, label=line)
             for x, m in zip(xs, means, strict=True):
-                ax.annotate(f"{m:.1f}", (100 * x, m), textcoords="offset points", xytext=(0, 7), ha="center",
-                            fontsize=8)
+                ax.annotate(f"{m:.1f}", (100 * x, m), textcoords="offset points", xytext=(0, 7),
+                            ha="center", fontsize=8)
         ax.set_xscale("log")
         ax.set_xticks([10, 25, 50, 100], ["10%", "25%", "50%", "100%"])
         ax.set_xlabel("fraction of the 45,000 training images")
@@ -365,45 +392,29 @@ def report(study: Study, res: Results, fig_dir: Path) -> None:
 # Command line
 # --------------------------------------------------------------------------------------------
 
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """--set FIELD=VALUE ... -> {field: value typed as TrainConfig's field}."""
-    fields = {f.name: f for f in dataclasses.fields(tc.TrainConfig)}
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip().lstrip("-").replace("-", "_")
-        if not sep or name not in fields:
-            raise ValueError(f"--set expects FIELD=VALUE with a field of train_cifar10.py's TrainConfig "
-                             f"({', '.join(fields)}), got {item!r}")
-        f = fields[name]
-        kind = f.metadata.get("type", type(f.default))
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--set {name}: expected true or false, got {value!r}")
-            out[name] = value.lower() in ("true", "1")
-        else:
-            try:
-                out[name] = kind(value)
-            except ValueError as e:
-                raise ValueError(f"--set {name}: expected a {kind.__name__}, got {value!r}") from e
-    return out
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", nargs="+", choices=list(STUDIES), help="the studies to run (several allowed)")
-    p.add_argument("--list", action="store_true", help="print the studies and their runs, then exit")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", nargs="+", choices=list(STUDIES),
+                   help="the studies to run (several allowed)")
+    p.add_argument("--list", action="store_true",
+                   help="print the studies and their runs, then exit")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget-min", type=float, help="minutes of training per run (equal wall time)")
+    budget.add_argument("--budget-min", type=float,
+                        help="minutes of training per run (equal wall time)")
     budget.add_argument("--epochs", type=int, help="epochs per run (equal epochs, e.g. on a GPU)")
-    p.add_argument("--data-dir", default="data", help="CIFAR-10, as in train_cifar10.py (default: data)")
+    p.add_argument("--data-dir", default="data",
+                   help="CIFAR-10, as in train_cifar10.py (default: data)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                    help="download CIFAR-10 when --data-dir holds none (default: off)")
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                   help="change the baseline of every run, e.g. --set batch_size=256 model=vit_cifar_small")
-    p.add_argument("--out", default="results", help="folder of the results files STUDY.json and tables STUDY.md")
+                   help="change the baseline of every run, e.g. --set batch_size=256 "
+                        "model=vit_cifar_small")
+    p.add_argument("--out", default="results",
+                   help="folder of the results files STUDY.json and tables STUDY.md")
     p.add_argument("--fig-dir", default="figures", help="folder of the plots study_STUDY.png")
-    p.add_argument("--checkpoint-dir", default="checkpoints/compare", help="run checkpoints go to DIR/STUDY/")
+    p.add_argument("--checkpoint-dir", default="checkpoints/compare",
+                   help="run checkpoints go to DIR/STUDY/")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p.parse_args(argv)
 
@@ -412,32 +423,32 @@ def list_studies() -> None:
     for s in STUDIES.values():
         print(f"{s.name}: {s.question}")
         for r in s.runs:
-            change = ", ".join(f"{k}={v}" for k, v in r.changes.items() if v is not None) or "baseline"
+            change = (", ".join(f"{k}={v}" for k, v in r.changes.items() if v is not None)
+                      or "baseline")
             print(f"    {r.label:<28s} seed {r.seed}  {change}")
-    print(f"baseline: {tc.config_command(dataclasses.asdict(tc.TrainConfig(**BASE)))}")
+    print(f"baseline: {config_command(TrainConfig(**BASE))}")
+
+
+def _main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    if args.list:
+        list_studies()
+        return
+    if not args.study:
+        raise ValueError("name at least one --study (or --list to see them)")
+    if args.budget_min is None and args.epochs is None:
+        raise ValueError("give the budget of every run: --budget-min M (equal time) or --epochs E")
+    if args.budget_min is not None and not args.budget_min > 0:
+        raise ValueError(f"--budget-min must be a positive number of minutes, got "
+                         f"{args.budget_min}")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    args.set = parse_settings(args.set)
+    run_studies(args)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        if args.list:
-            list_studies()
-            return
-        if not args.study:
-            raise ValueError("name at least one --study (or --list to see them)")
-        if args.budget_min is None and args.epochs is None:
-            raise ValueError("give the budget of every run: --budget-min M (equal time) or --epochs E")
-        if args.budget_min is not None and not args.budget_min > 0:
-            raise ValueError(f"--budget-min must be a positive number of minutes, got {args.budget_min}")
-        if args.epochs is not None and args.epochs < 1:
-            raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
-        args.set = parse_set(args.set)
-        run_studies(args)
-    except (ValueError, FileNotFoundError, DataNotFoundError, FloatingPointError) as e:
-        if args.debug or os.environ.get("VIT_DEBUG"):
-            raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(_main, argv)
 
 
 if __name__ == "__main__":

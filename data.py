@@ -31,9 +31,9 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 @dataclass
 class ImageData:
-    """Images as uint8 (N, 3, H, W), integer labels (N,), and the per-channel mean and std (in [0, 1]
-    units) that inputs are standardised with: CIFAR-10's own for CIFAR-10, else measured on the
-    training images (see `channel_stats`)."""
+    """Images as uint8 (N, 3, H, W), integer labels (N,), and the per-channel mean and std (in
+    [0, 1] units) that inputs are standardised with: CIFAR-10's own for CIFAR-10, else measured on
+    the training images (see `channel_stats`)."""
 
     train_x: Tensor
     train_y: Tensor
@@ -93,8 +93,8 @@ def _to_rgb(im: Any, path: str | Path) -> Any:
         else:
             top = 255.0 if hi <= 255 else 65535.0 if hi <= 65535 else 0.0
         if lo < 0 or not top:
-            raise ValueError(f"cannot read image {path}: its {im.mode} values span [{lo:g}, {hi:g}], "
-                             f"not 8-bit, 16-bit or [0, 1] intensities")
+            raise ValueError(f"cannot read image {path}: its {im.mode} values span "
+                             f"[{lo:g}, {hi:g}], not 8-bit, 16-bit or [0, 1] intensities")
         im = Image.fromarray(np.round(a * (255.0 / top)).astype(np.uint8), "L")
     return im.convert("RGB")
 
@@ -128,8 +128,9 @@ def _load_split(folder: Path, classes: tuple[str, ...], size: int) -> tuple[Tens
     for label, name in enumerate(classes):
         found = image_files(folder / name)
         if not found:
-            raise DataNotFoundError(f"class folder {folder / name} holds no images ({', '.join(IMAGE_EXTS)}); "
-                                    f"every class needs images in train/ and test/")
+            raise DataNotFoundError(f"class folder {folder / name} holds no images "
+                                    f"({', '.join(IMAGE_EXTS)}); every class needs images in "
+                                    f"train/ and test/")
         files += found
         labels += [label] * len(found)
     with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decodes without the GIL
@@ -141,7 +142,8 @@ def _load_image_folder(root: Path, size: int, with_train: bool = True) -> ImageD
     classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
     test_classes = tuple(sorted(p.name for p in (root / "test").iterdir() if p.is_dir()))
     if not classes:
-        raise DataNotFoundError(f"{root / 'train'} has no class folders: expected train/<class>/*.jpg")
+        raise DataNotFoundError(f"{root / 'train'} has no class folders: "
+                                "expected train/<class>/*.jpg")
     if classes != test_classes:
         raise DataNotFoundError(f"train/ and test/ under {root} hold different classes: "
                                 f"{classes} vs {test_classes}")
@@ -152,7 +154,8 @@ def _load_image_folder(root: Path, size: int, with_train: bool = True) -> ImageD
         train_x, train_y = test_x[:0], test_y[:0]
     if classes == CIFAR10_CLASSES:
         return ImageData(train_x, train_y, test_x, test_y, classes)
-    mean, std = channel_stats(train_x if len(train_x) else test_x)  # not CIFAR-10: its own statistics
+    # not CIFAR-10: its own statistics
+    mean, std = channel_stats(train_x if len(train_x) else test_x)
     return ImageData(train_x, train_y, test_x, test_y, classes, mean, std)
 
 
@@ -163,9 +166,10 @@ def match_classes(data: ImageData, classes: list[str] | tuple[str, ...]) -> Imag
     if classes == data.classes:
         return data
     if sorted(classes) != sorted(data.classes):
-        raise DataNotFoundError(f"the data's classes {list(data.classes)} are not the ones the checkpoint was "
-                                f"trained on {list(classes)}")
-    lookup = torch.tensor([classes.index(name) for name in data.classes])  # data label -> checkpoint label
+        raise DataNotFoundError(f"the data's classes {list(data.classes)} are not the ones the "
+                                f"checkpoint was trained on {list(classes)}")
+    # data label -> checkpoint label
+    lookup = torch.tensor([classes.index(name) for name in data.classes])
     return replace(data, train_y=lookup[data.train_y], test_y=lookup[data.test_y], classes=classes)
 
 
@@ -228,14 +232,16 @@ def random_crop_flip(x: Tensor, pad: int = 4, flip: bool = True) -> Tensor:
     return out.view(B, C, H, W)
 
 
-def _source_index(H: int, W: int, a: Tensor, b: Tensor, c: Tensor, d: Tensor, e: Tensor, f: Tensor) -> Tensor:
-    """Nearest-neighbour sampling maps of U affine warps, each coefficient a (U,) tensor: output pixel
-    (x, y), relative to the image centre, reads input pixel (a x + b y + c, d x + e y + f). Returns
-    flat source indices (U, H*W), with H*W for pixels from outside the image."""
+def _source_index(H: int, W: int, a: Tensor, b: Tensor, c: Tensor, d: Tensor, e: Tensor,
+                  f: Tensor) -> Tensor:
+    """Nearest-neighbour sampling maps of U affine warps, each coefficient a (U,) tensor: output
+    pixel (x, y), relative to the image centre, reads input pixel (a x + b y + c, d x + e y + f).
+    Returns flat source indices (U, H*W), with H*W for pixels from outside the image."""
     a, b, c, d, e, f = (k.float().view(-1, 1, 1) for k in (a, b, c, d, e, f))  # each (U, 1, 1)
     dev = a.device
     ys, xs = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32) - (H - 1) / 2,
-                            torch.arange(W, device=dev, dtype=torch.float32) - (W - 1) / 2, indexing="ij")
+                            torch.arange(W, device=dev, dtype=torch.float32) - (W - 1) / 2,
+                            indexing="ij")
     sx = (a * xs + b * ys + c + (W - 1) / 2).round().long()  # (U, H, W) source column
     sy = (d * xs + e * ys + f + (H - 1) / 2).round().long()  # (U, H, W) source row
     inside = (sx >= 0) & (sx < W) & (sy >= 0) & (sy < H)
@@ -251,7 +257,8 @@ def _gather_pixels(img: Tensor, idx: Tensor, fill: int) -> Tensor:
 
 
 def warp(img: Tensor, a: float | Tensor = 1.0, b: float | Tensor = 0.0, c: float | Tensor = 0.0,
-         d: float | Tensor = 0.0, e: float | Tensor = 1.0, f: float | Tensor = 0.0, fill: int = 128) -> Tensor:
+         d: float | Tensor = 0.0, e: float | Tensor = 1.0, f: float | Tensor = 0.0,
+         fill: int = 128) -> Tensor:
     """Affine warp with nearest-neighbour sampling of a uint8 batch (B, C, H, W), one gather.
 
     Output pixel (x, y), taken relative to the image centre, reads input pixel
@@ -259,7 +266,8 @@ def warp(img: Tensor, a: float | Tensor = 1.0, b: float | Tensor = 0.0, c: float
     a number (the same for all samples) or a (B,) tensor (one per sample).
     """
     B, _, H, W = img.shape
-    coef = torch.broadcast_tensors(*(torch.as_tensor(k, device=img.device).reshape(-1) for k in (a, b, c, d, e, f)))
+    coef = torch.broadcast_tensors(*(torch.as_tensor(k, device=img.device).reshape(-1)
+                                     for k in (a, b, c, d, e, f)))
     return _gather_pixels(img, _source_index(H, W, *coef).expand(B, H * W), fill)
 
 
@@ -286,24 +294,25 @@ _OP = {name: i for i, name in enumerate(RANDAUG_OPS)}
 
 
 def _affine_ops(img: Tensor, op: Tensor, v: Tensor, host_sync: bool = True) -> Tensor:
-    """ShearX/Y, TranslateX/Y and Rotate, per sample, as one gather. With host_sync the sampling maps
-    are built once per distinct (operation, magnitude) pair (torch.unique reads its count on the host);
-    without, once per sample."""
+    """ShearX/Y, TranslateX/Y and Rotate, per sample, as one gather. With host_sync the sampling
+    maps are built once per distinct (operation, magnitude) pair (torch.unique reads its count on
+    the host); without, once per sample."""
     H, W = img.shape[-2:]
     which = None
     if host_sync:
         values, v_id = torch.unique(v, return_inverse=True)
-        pairs, which = torch.unique(op * len(values) + v_id, return_inverse=True)  # distinct (op, v)
+        # distinct (op, v)
+        pairs, which = torch.unique(op * len(values) + v_id, return_inverse=True)
         op, v = pairs // len(values), values[pairs % len(values)]  # (U,) each
     zero, one, t = torch.zeros_like(v), torch.ones_like(v), torch.deg2rad(v)
     rot = op == _OP["Rotate"]
-    idx = _source_index(H, W,
+    idx = _source_index(H, W,  # (U, H*W)
                         a=torch.where(rot, t.cos(), one),
                         b=torch.where(op == _OP["ShearX"], v, torch.where(rot, t.sin(), zero)),
                         c=torch.where(op == _OP["TranslateX"], (v * W).round(), zero),
                         d=torch.where(op == _OP["ShearY"], v, torch.where(rot, -t.sin(), zero)),
                         e=torch.where(rot, t.cos(), one),
-                        f=torch.where(op == _OP["TranslateY"], (v * H).round(), zero))  # (U, H*W)
+                        f=torch.where(op == _OP["TranslateY"], (v * H).round(), zero))
     return _gather_pixels(img, idx if which is None else idx[which], fill=128)
 
 
@@ -313,7 +322,8 @@ def _sharpen(x: Tensor, q: Tensor) -> Tensor:
     inner = x[..., 1:-1, 1:-1]
     box = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]  # 3-row sums (k, C, H-2, W)
     box = box[..., :-2] + box[..., 1:-1] + box[..., 2:]  # 3x3 sums (k, C, H-2, W-2), exact integers
-    blur = box.add_(inner, alpha=4.0).div_(13.0).round_()  # kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13
+    # kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13
+    blur = box.add_(inner, alpha=4.0).div_(13.0).round_()
     inner += (blur - inner) * q
     return x
 
@@ -322,16 +332,19 @@ def _blend_ops(img: Tensor, op: Tensor, v: Tensor, host_sync: bool = True) -> Te
     """Brightness, Color, Contrast and Sharpness, per sample: each blends the image x with a
     reference image by the factor r = 1 + v, out = r x + (1 - r) ref, with the same float steps as
     torchvision's adjust_* functions (reference: 0, the grey image, its mean, a 3x3 blur). With
-    host_sync only the Sharpness samples are blurred (their indices read on the host); without, all."""
+    host_sync only the Sharpness samples are blurred (their indices read on the host); without,
+    all."""
     n, C, H, W = img.shape
     r64 = 1.0 + v
     r, q = r64.float().view(n, 1, 1, 1), (1.0 - r64).float().view(n, 1, 1, 1)  # r, 1 - r
     x = img.float()  # (n, C, H, W)
     red, green, blue = img.unbind(1)
-    gray = red.mul(0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114).floor_().unsqueeze(1)  # (n, 1, H, W)
+    gray = (red.mul(0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114).floor_()
+            .unsqueeze(1))  # (n, 1, H, W)
     ref = torch.where((op == _OP["Color"]).view(n, 1, 1, 1), gray,
                       gray.mean((1, 2, 3), keepdim=True) * (op == _OP["Contrast"]).view(n, 1, 1, 1))
-    out = torch.addcmul(x * r, ref, q)  # Brightness (ref 0), Color, Contrast; one rounding, as torchvision
+    # Brightness (ref 0), Color, Contrast; one rounding, as torchvision
+    out = torch.addcmul(x * r, ref, q)
     is_sharp = op == _OP["Sharpness"]
     if not host_sync:
         out = torch.where(is_sharp.view(n, 1, 1, 1), _sharpen(x, q), out)
@@ -378,10 +391,12 @@ def apply_randaug_op(img: Tensor, name: str, v: float) -> Tensor:
     return _RANDAUG_FAMILIES[RANDAUG_OPS[name][2]](img, op, v_all)
 
 
-_RANDAUG_ON: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}  # the table, copied once per device
+# the table, copied once per device
+_RANDAUG_ON: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def rand_augment(x: Tensor, num_ops: int = 2, magnitude: int = 9, host_sync: bool | None = None) -> Tensor:
+def rand_augment(x: Tensor, num_ops: int = 2, magnitude: int = 9, host_sync: bool | None = None
+                 ) -> Tensor:
     """RandAugment with the operation and its sign drawn per sample.
 
     With host_sync (the default on the CPU), each round sorts the batch by operation family (affine,
@@ -454,7 +469,8 @@ def random_erasing(x: Tensor, prob: float = 0.25, area: tuple[float, float] = (0
 def _beta(alpha: float, n: int, device: torch.device) -> Tensor:
     """n draws of Beta(alpha, alpha) as g1 / (g1 + g2) with g ~ Gamma(alpha, 1), made on the device
     without argument checks: no host copy or synchronisation."""
-    gamma = torch.distributions.Gamma(torch.full((2, n), max(alpha, 1e-3), device=device), 1.0, validate_args=False)
+    gamma = torch.distributions.Gamma(torch.full((2, n), max(alpha, 1e-3), device=device), 1.0,
+                                      validate_args=False)
     g = gamma.sample()  # (2, n)
     return g[0] / (g[0] + g[1])
 
@@ -535,12 +551,13 @@ class TrainBatches:
     """
 
     def __init__(self, x: Tensor, y: Tensor, batch_size: int,
-                 augment: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], seed: int = 0, rank: int = 0,
-                 world: int = 1) -> None:
+                 augment: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], seed: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
         if batch_size % world:
             raise ValueError(f"--batch-size {batch_size} is not divisible by {world} processes")
         if len(x) < batch_size:
-            raise ValueError(f"--batch-size {batch_size} is larger than the {len(x)} training images")
+            raise ValueError(f"--batch-size {batch_size} is larger than the {len(x)} "
+                             "training images")
         self.x, self.y, self.augment = x, y, augment
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.steps = len(x) // batch_size  # steps per epoch
@@ -549,13 +566,16 @@ class TrainBatches:
         return self.steps
 
     def indices(self, epoch: int) -> Tensor:
-        """This process's sample indices for every step of the epoch, (steps, batch_size / world)."""
-        perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        """This process's sample indices for every step of the epoch,
+        (steps, batch_size / world)."""
+        perm = torch.randperm(len(self.x),
+                              generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
         local = self.batch_size // self.world
         perm = perm[: self.steps * self.batch_size].view(self.steps, self.batch_size)  # (steps, B)
         return perm[:, self.rank * local:(self.rank + 1) * local]  # (steps, B / world)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         for step, idx in enumerate(self.indices(epoch).to(self.x.device)):
-            torch.manual_seed(((self.seed * 10_007 + self.rank) * 100_003 + epoch) * 1_000_003 + step)
+            torch.manual_seed(((self.seed * 10_007 + self.rank) * 100_003 + epoch) * 1_000_003
+                              + step)
             yield self.augment(self.x[idx], self.y[idx])

@@ -21,7 +21,8 @@ class PatchEmbed(nn.Module):
     """Eq. 1, x_p^i E: cut the image into P x P patches and project each one to D dimensions.
 
     Attribute: `proj`, an nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size).
-    forward: (B, C, H, W) -> (B, N, D), the patches in row-major order (row 0 left to right, then row 1...).
+    forward: (B, C, H, W) -> (B, N, D), the patches in row-major order (row 0 left to right, then
+    row 1...).
     """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
@@ -29,7 +30,8 @@ class PatchEmbed(nn.Module):
         raise NotImplementedError("PatchEmbed.__init__")
 
     def forward(self, x: Tensor) -> Tensor:
-        raise NotImplementedError("PatchEmbed.forward")  # (B, C, H, W) -> (B, D, H/P, W/P) -> (B, N, D)
+        # (B, C, H, W) -> (B, D, H/P, W/P) -> (B, N, D)
+        raise NotImplementedError("PatchEmbed.forward")
 
 
 class Attention(nn.Module):
@@ -94,8 +96,9 @@ class VisionTransformer(nn.Module):
     forward: (B, C, H, W) -> (B, num_classes).
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         raise NotImplementedError("VisionTransformer.__init__")
 
@@ -108,5 +111,6 @@ class VisionTransformer(nn.Module):
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    print(VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=2, num_heads=4)
+    print(VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=2,
+                            num_heads=4)
           (torch.randn(2, 3, 32, 32)).shape)  # torch.Size([2, 10]) once everything is written

@@ -44,14 +44,16 @@ def save_curve_png(history: list[dict[str, Any]], path: Path, title: str) -> Non
     ev = [h for h in history if "eval_acc" in h]
     n_full = max((h.get("eval_images", 0) for h in ev), default=0)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot([h["epoch"] for h in history], [100 * h["train_acc"] for h in history], label="train (augmented)")
+    ax.plot([h["epoch"] for h in history], [100 * h["train_acc"] for h in history],
+            label="train (augmented)")
     ax.plot([h["epoch"] for h in ev], [100 * h["eval_acc"] for h in ev], "-", color="C1")
     for part in (True, False):  # hollow markers: evaluated on a subset (--eval-subset)
         hs = [h for h in ev if (h.get("eval_images", n_full) < n_full) == part]
         if hs:
             n = hs[0].get("eval_images")
             ax.plot([h["epoch"] for h in hs], [100 * h["eval_acc"] for h in hs], "o", color="C1",
-                    mfc="none" if part else "C1", label=f"evaluation ({n:,} images)" if n else "evaluation")
+                    mfc="none" if part else "C1",
+                    label=f"evaluation ({n:,} images)" if n else "evaluation")
     for h in ev[-1:]:
         title += f"\nlast: {100 * h['eval_acc']:.2f}% after {h['elapsed_min']:.1f} min of training"
     ax.set_xlabel("epoch")

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import train_cifar10 as tc
 import visualize_attention as va
+from config import TrainConfig
 from data import BUNDLED_SAMPLES, DataNotFoundError, image_files, load_dataset, read_image
-from test_train import CLASSES, FAST, HERE, write_batches_py, write_image_folder
 from vit_model import (
     VisionTransformer,
     ViTConfig,
@@ -38,10 +36,11 @@ from vit_model import (
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
+def world(tmp_path_factory, batches_dir, trained_run, make_image_folder, classes
+          ) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("errors")
-    w = {"data": write_batches_py(root / "cifar"), "root": root}
-    tc.main([*FAST, "--data-dir", str(w["data"]), "--out-dir", str(root / "runs"), "--run-name", "good"])
+    w = {"data": batches_dir, "root": root}
+    shutil.copytree(trained_run, root / "runs" / "good")
     w["last"], w["best"] = root / "runs" / "good" / "last.pt", root / "runs" / "good" / "best.pt"
     (root / "zero.pt").write_bytes(b"")
     (root / "text.pt").write_text("this is not a checkpoint\n")
@@ -63,20 +62,20 @@ def world(tmp_path_factory) -> dict[str, Path]:
                 Image.fromarray(np.full((32, 32, 3), 60 * k + i, np.uint8)).save(shapes / split / name / f"{i}.png")
     w["shapes"] = shapes
     for name, broken in (("empty_train", "train/cat"), ("empty_test", "test/dog")):
-        tree = write_image_folder(root / name, 40, 20)
+        tree = make_image_folder(root / name, 40, 20)
         for f in (tree / broken).iterdir():
             f.unlink()
         w[name] = tree
     all_empty = root / "all_empty"
     for split in ("train", "test"):
-        for c in CLASSES:
+        for c in classes:
             (all_empty / split / c).mkdir(parents=True)
     w["all_empty"] = all_empty
     no_classes = root / "no_classes"
     (no_classes / "train").mkdir(parents=True)
     (no_classes / "test").mkdir()
     w["no_classes"] = no_classes
-    bad_img = write_image_folder(root / "bad_img", 20, 10)
+    bad_img = make_image_folder(root / "bad_img", 20, 10)
     (bad_img / "train" / "cat" / "zz_broken.jpg").write_text("not an image")
     w["bad_img"] = bad_img
     img = root / "img.png"
@@ -106,7 +105,7 @@ def fingerprint(folder: Path) -> dict[str, str]:
 # The table: (entry point, arguments with {placeholders}, part of the message)
 # ---------------------------------------------------------------------------------------------
 
-TRAIN = [*FAST, "--data-dir", "{data}", "--out-dir", "{root}/runs", "--run-name", "new"]
+TRAIN = ["{fast}", "--data-dir", "{data}", "--out-dir", "{root}/runs", "--run-name", "new"]
 CASES = [
     # training: numeric flags, choices, data and output paths
     ("train", [*TRAIN, "--lr", "0"], "--lr must be positive"),
@@ -190,8 +189,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("entry, argv, message", CASES, ids=[f"{e}:{' '.join(a[-2:])}" for e, a, _ in CASES])
-def test_bad_input_is_one_clear_line(world, tmp_path, capsys, entry, argv, message):
-    argv = [a.format(**{k: str(v) for k, v in world.items()}) for a in argv]
+def test_bad_input_is_one_clear_line(world, fast, tmp_path, capsys, entry, argv, message):
+    argv = [b for a in argv for b in (fast if a == "{fast}" else
+                                      [a.format(**{k: str(v) for k, v in world.items()})])]
     if "--out-dir" not in argv and entry == "figures":
         argv += ["--out-dir", str(tmp_path / "figs")]
     before = fingerprint(world["root"])
@@ -247,9 +247,9 @@ def test_no_network_for_pretrained_weights_is_one_line(tmp_path, capsys, monkeyp
     assert code == 2 and err.count("\n") == 1 and "could not download vit_b_16" in err, err
 
 
-def test_debug_shows_the_traceback(world, capsys):
+def test_debug_shows_the_traceback(world, fast):
     with pytest.raises(ValueError, match="--lr must be positive"):
-        tc.main([*FAST, "--data-dir", str(world["data"]), "--lr", "0", "--debug"])
+        tc.main([*fast, "--data-dir", str(world["data"]), "--lr", "0", "--debug"])
 
 
 MODEL_CASES = [
@@ -286,10 +286,11 @@ def test_npz_of_the_wrong_kind(world):
 # The broken cases: each one wrong or lost silently before
 # ---------------------------------------------------------------------------------------------
 
-def test_checkpoint_classes_are_matched_by_name(tmp_path, capsys):
-    root = write_image_folder(tmp_path / "data", 600, 200)
-    tc.main([*FAST, "--epochs", "6", "--lr", "3e-3", "--warmup-epochs", "1", "--crop-pad", "0", "--no-flip",
-             "--patch-size", "8", "--data-dir", str(root), "--out-dir", str(tmp_path), "--run-name", "r"])
+@pytest.mark.slow
+def test_checkpoint_classes_are_matched_by_name(tiny, tmp_path, capsys, make_image_folder):
+    root = make_image_folder(tmp_path / "data", 600, 200)
+    tc.train(tiny(epochs=6, lr=3e-3, warmup_epochs=1, crop_pad=0, flip=False, patch_size=8,
+                  data_dir=str(root), run_name="r"))
     ckpt = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
     # the same model with its classes listed in another order (head rows permuted to match)
     order = list(range(10))[::-1]
@@ -307,8 +308,8 @@ def test_checkpoint_classes_are_matched_by_name(tmp_path, capsys):
     assert float(accs[0]) > 50 and accs[0] == accs[1], accs
 
 
-def test_empty_class_folders_are_named(tmp_path):
-    root = write_image_folder(tmp_path / "d", 40, 20)
+def test_empty_class_folders_are_named(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", 40, 20)
     for f in (root / "test" / "frog").iterdir():
         f.unlink()
     with pytest.raises(DataNotFoundError, match=r"class folder .*test/frog holds no images"):
@@ -359,15 +360,44 @@ def test_resume_validates_flags_like_a_new_run(world, capsys):
 # Crash consistency: a kill at every write point leaves last.pt and best.pt in agreement
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("point", ["last.pt:tmp:2", "last.pt:done:2", "best.pt:tmp:2", "best.pt:done:2"])
-def test_a_crash_at_any_write_point_leaves_consistent_checkpoints(tmp_path, point):
-    data = write_batches_py(tmp_path / "data")
-    args = [*FAST, "--epochs", "3", "--lr", "3e-3", "--warmup-epochs", "0", "--crop-pad", "0", "--no-flip",
-            "--patch-size", "8", "--data-dir", str(data), "--out-dir", str(tmp_path), "--run-name", "run"]
-    env = {**os.environ, "VIT_CRASH_AT": point, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "train_cifar10.py", *args], cwd=HERE, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 99, proc.stdout + proc.stderr  # died at the write point, like kill -9
+class Crash(BaseException):
+    """Stands for kill -9: no handler of the trainer catches it, nothing after it is written."""
+
+
+def crash_at(monkeypatch, name: str, stage: str, n: int) -> None:
+    """The n-th save of NAME dies after the temporary file is written (tmp) or after it replaced
+    NAME (done)."""
+    real, saves = checkpoint.atomic_save, {}
+
+    def save(obj, path: Path) -> None:
+        if path.name == name:
+            saves[name] = saves.get(name, 0) + 1
+            if stage == "tmp" and saves[name] == n:
+                torch.save(obj, path.with_suffix(path.suffix + ".tmp"))
+                raise Crash
+        real(obj, path)
+        if path.name == name and stage == "done" and saves[name] == n:
+            raise Crash
+
+    monkeypatch.setattr(checkpoint, "atomic_save", save)
+
+
+def three_epochs(tiny) -> TrainConfig:
+    """A run whose epoch 2 is a new best (a second save of best.pt): see the test below."""
+    return tiny(epochs=3, lr=3e-3, warmup_epochs=0, crop_pad=0, flip=False, patch_size=8,
+                run_name="run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["last.pt:tmp:2", "last.pt:done:2", "best.pt:tmp:2",
+                                   "best.pt:done:2"])
+def test_a_crash_at_any_write_point_leaves_consistent_checkpoints(tiny, tmp_path, monkeypatch,
+                                                                  point):
+    name, stage, n = point.split(":")
+    crash_at(monkeypatch, name, stage, int(n))
+    with pytest.raises(Crash):
+        tc.train(three_epochs(tiny))
+    monkeypatch.undo()
     last, best = tmp_path / "run" / "last.pt", tmp_path / "run" / "best.pt"
     tc.main(["--resume", str(last)])
     a, b = (torch.load(p, weights_only=True) for p in (last, best))
@@ -376,16 +406,12 @@ def test_a_crash_at_any_write_point_leaves_consistent_checkpoints(tmp_path, poin
     assert b["history"][-1]["eval_acc"] == b["best_acc"]  # best.pt holds the model it reports
     reference = torch.load(best, weights_only=True)
     shutil.rmtree(tmp_path / "run")
-    tc.main(args)  # the same run without a crash
+    tc.train(three_epochs(tiny))  # the same run without a crash
     assert torch.load(best, weights_only=True)["best_acc"] == reference["best_acc"]
 
 
-def test_epoch_2_of_the_crash_run_is_a_new_best(tmp_path):
+@pytest.mark.slow
+def test_epoch_2_of_the_crash_run_is_a_new_best(tiny):
     # the crash test above relies on a second save of best.pt, in epoch 2
-    data = write_batches_py(tmp_path / "data")
-    hist = tc.train(tc.parse_args([*FAST, "--epochs", "3", "--lr", "3e-3", "--warmup-epochs", "0", "--crop-pad", "0",
-                                   "--no-flip", "--patch-size", "8", "--data-dir", str(data), "--out-dir",
-                                   str(tmp_path), "--run-name", "r"]))["history"]
-    accs = [h["eval_acc"] for h in hist]
+    accs = [h["eval_acc"] for h in tc.train(three_epochs(tiny))["history"]]
     assert accs[1] > accs[0], accs
-

@@ -65,17 +65,20 @@ class MLP(MLP):
     def forward(self, x):
         return self.fc2(F.relu(self.fc1(x)))
 """),
-    "post_norm": ("Block", BLOCK.format(body="x = self.norm1(x + self.attn(x)[0]); x = self.norm2(x + self.mlp(x))")),
+    "post_norm": ("Block", BLOCK.format(
+        body="x = self.norm1(x + self.attn(x)[0]); x = self.norm2(x + self.mlp(x))")),
     "no_attn_residual": ("Block", BLOCK.format(
         body="x = self.attn(self.norm1(x))[0]; x = x + self.mlp(self.norm2(x))")),
     "no_mlp_residual": ("Block", BLOCK.format(
         body="x = x + self.attn(self.norm1(x))[0]; x = self.mlp(self.norm2(x))")),
-    "no_cls": ("VisionTransformer", VIT.format(embed="z = z + self.pos_embed[:, 1:]", pool="self.norm(z)[:, 0]")),
-    "no_pos": ("VisionTransformer", VIT.format(embed="z = torch.cat([cls, z], 1)", pool="self.norm(z)[:, 0]")),
-    "last_token": ("VisionTransformer", VIT.format(embed="z = torch.cat([cls, z], 1) + self.pos_embed",
-                                                   pool="self.norm(z)[:, -1]")),
-    "mean_tokens": ("VisionTransformer", VIT.format(embed="z = torch.cat([cls, z], 1) + self.pos_embed",
-                                                    pool="self.norm(z).mean(1)")),
+    "no_cls": ("VisionTransformer", VIT.format(
+        embed="z = z + self.pos_embed[:, 1:]", pool="self.norm(z)[:, 0]")),
+    "no_pos": ("VisionTransformer", VIT.format(
+        embed="z = torch.cat([cls, z], 1)", pool="self.norm(z)[:, 0]")),
+    "last_token": ("VisionTransformer", VIT.format(
+        embed="z = torch.cat([cls, z], 1) + self.pos_embed", pool="self.norm(z)[:, -1]")),
+    "mean_tokens": ("VisionTransformer", VIT.format(
+        embed="z = torch.cat([cls, z], 1) + self.pos_embed", pool="self.norm(z).mean(1)")),
 }
 
 
@@ -101,7 +104,8 @@ def test_the_skeleton_fails_cleanly(capsys):
 
 
 def test_a_correct_rewrite_passes(tmp_path):
-    """The attention written differently from the reference (chunk, not one reshape) is still right."""
+    """The attention written differently from the reference (chunk, not one reshape) is still
+    right."""
     results = ce.check(write(tmp_path, "good", ATTENTION.format(**GOOD)))
     assert all(r.ok for r in results) and len(results) == 5
 
@@ -130,7 +134,8 @@ class Attention(Attention):
 class MLP(torch.nn.Module):
     def __init__(self, dim, hidden_dim):
         super().__init__()
-        self.linear1, self.linear2 = torch.nn.Linear(dim, hidden_dim), torch.nn.Linear(hidden_dim, dim)
+        self.linear1 = torch.nn.Linear(dim, hidden_dim)
+        self.linear2 = torch.nn.Linear(hidden_dim, dim)
 """)
     *_, failed = ce.check(renamed)
     assert failed.name == "MLP" and "缺少参数 ['fc1.bias', 'fc1.weight'" in failed.message

@@ -92,7 +92,8 @@ def test_paper_parameter_counts(factory, expected):
 
 @pytest.mark.parametrize("D", [768, 1024, 1280, 192])
 def test_block_parameter_formula(D):
-    # qkv: 3D^2 + 3D, proj: D^2 + D, fc1: DM + M, fc2: MD + D, two LayerNorms: 4D -> 4D^2 + 2DM + 9D + M
+    # qkv: 3D^2 + 3D, proj: D^2 + D, fc1: DM + M, fc2: MD + D, two LayerNorms: 4D
+    # -> 4D^2 + 2DM + 9D + M
     for ratio, closed_form in ((4.0, 12 * D * D + 13 * D), (2.0, 8 * D * D + 11 * D)):
         M = int(D * ratio)
         with torch.device("meta"):
@@ -110,17 +111,20 @@ def test_total_parameter_formula_for_every_preset():
         D, P, C = c.embed_dim, c.patch_size, c.in_chans
         hidden = int(D * c.mlp_ratio)
         block = 4 * D * D + 4 * D + 2 * D * hidden + hidden + D + 4 * D
-        expected = (C * P * P * D + D) + D + c.num_tokens * D + c.depth * block + 2 * D + D * 10 + 10
+        expected = ((C * P * P * D + D) + D + c.num_tokens * D + c.depth * block + 2 * D
+                    + D * 10 + 10)
         assert n_params(model) == expected, name
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(classifier="gap", mlp_ratio=2.0), dict(representation_size=24)])
+@pytest.mark.parametrize("kw", [dict(), dict(classifier="gap", mlp_ratio=2.0),
+                                dict(representation_size=24)])
 def test_flops_formula_matches_pytorch_flop_counter(kw):
     from torch.utils.flop_counter import FlopCounterMode
 
     model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=4,
                               num_classes=10, **kw).eval()
-    # the explicit attention path, whose Q K^T and A V are plain matmuls the counter sees on any device
+    # the explicit attention path, whose Q K^T and A V are plain matmuls the counter sees on
+    # any device
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(2, 3, 32, 32), return_attention=True)
     assert counter.get_total_flops() == 2 * estimate_flops(model.config)["total"]  # batch of 2
@@ -155,7 +159,8 @@ def test_fused_attention_equals_explicit_formula():
     heads = [slice(h * 16, (h + 1) * 16) for h in range(4)]
     out = torch.cat([torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / 4.0, -1) @ v[..., s]
                      for s in heads], dim=-1)
-    torch.testing.assert_close(explicit, out @ attn.proj.weight.T + attn.proj.bias, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit, out @ attn.proj.weight.T + attn.proj.bias,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_attention_rows_sum_to_one_and_model_returns_every_layer():
@@ -187,9 +192,9 @@ def test_matches_torchvision_vit_b_16():
 
 def test_matches_torchvision_with_pre_logits_and_legacy_keys():
     torch.manual_seed(0)
-    ref = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                               hidden_dim=16, mlp_dim=40, num_classes=7,
-                                               representation_size=12).eval()
+    ref = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
+                                               num_heads=2, hidden_dim=16, mlp_dim=40,
+                                               num_classes=7, representation_size=12).eval()
     with torch.no_grad():
         ref.heads.head.weight.normal_()
     sd = {k.replace("mlp.0.", "mlp.linear_1.").replace("mlp.3.", "mlp.linear_2."): v
@@ -238,7 +243,8 @@ def _np_gelu(x, form="tanh"):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def _np_jax_forward(a: dict[str, np.ndarray], img: np.ndarray, P: int, gelu: str = "tanh") -> np.ndarray:
+def _np_jax_forward(a: dict[str, np.ndarray], img: np.ndarray, P: int, gelu: str = "tanh"
+                    ) -> np.ndarray:
     """The JAX model's forward pass written with numpy in the checkpoint's own layouts (NHWC)."""
     B, Hh, Ww, C = img.shape
     g = Hh // P
@@ -259,7 +265,8 @@ def _np_jax_forward(a: dict[str, np.ndarray], img: np.ndarray, P: int, gelu: str
         o = np.einsum("bhqt,bthk->bqhk", w, v)
         x = x + np.einsum("bqhk,hkd->bqd", o, a[m + "out/kernel"]) + a[m + "out/bias"]
         y = _np_layernorm(x, a[p + "LayerNorm_2/scale"], a[p + "LayerNorm_2/bias"])
-        y = _np_gelu(y @ a[p + "MlpBlock_3/Dense_0/kernel"] + a[p + "MlpBlock_3/Dense_0/bias"], gelu)
+        y = _np_gelu(y @ a[p + "MlpBlock_3/Dense_0/kernel"] + a[p + "MlpBlock_3/Dense_0/bias"],
+                     gelu)
         x = x + y @ a[p + "MlpBlock_3/Dense_1/kernel"] + a[p + "MlpBlock_3/Dense_1/bias"]
         i += 1
     x = _np_layernorm(x, a["Transformer/encoder_norm/scale"], a["Transformer/encoder_norm/bias"])
@@ -281,13 +288,15 @@ def test_google_npz_loads_and_matches_hand_computation(tmp_path):
     exact = load_jax_npz(str(path), num_heads=2, gelu="erf").eval()
     with torch.no_grad():
         got_erf = exact(torch.from_numpy(img).permute(0, 3, 1, 2)).numpy()
-    np.testing.assert_allclose(got_erf, _np_jax_forward(arrays, img, P=4, gelu="erf"), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got_erf, _np_jax_forward(arrays, img, P=4, gelu="erf"),
+                               atol=1e-4, rtol=1e-4)
     assert np.abs(got_erf - got).max() > 1e-4  # the two forms differ measurably on these weights
     # one block alone: the converted block equals the hand computation of encoderblock_0
     one = {k: v for k, v in arrays.items() if "encoderblock_1" not in k}
     with torch.no_grad():
         one_model = VisionTransformer(ViTConfig(img_size=8, patch_size=4, embed_dim=8, depth=1,
-                                                num_heads=2, mlp_ratio=2.0, num_classes=3, gelu="tanh")).eval()
+                                                num_heads=2, mlp_ratio=2.0, num_classes=3,
+                                                gelu="tanh")).eval()
         load_state_dict_checked(one_model, convert_jax_state_dict(one))
         got1 = one_model(torch.from_numpy(img).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(got1, _np_jax_forward(one, img, P=4), atol=1e-4, rtol=1e-4)
@@ -338,7 +347,8 @@ def test_sincos_embedding_values():
                              math.sin(1), math.sin(1e-4), math.cos(1), math.cos(1e-4)])
     torch.testing.assert_close(row1_col2, expected)
     for g, D in ((4, 8), (8, 128), (14, 768)):
-        np.testing.assert_allclose(sincos_pos_embed_2d(g, D).numpy(), _np_big_vision_sincos(g, g, D), atol=1e-6)
+        np.testing.assert_allclose(sincos_pos_embed_2d(g, D).numpy(),
+                                   _np_big_vision_sincos(g, g, D), atol=1e-6)
     with pytest.raises(ValueError, match="multiple of 4 and at least 8"):
         sincos_pos_embed_2d(4, 4)
     model = tiny(pos_embed="sincos")
@@ -351,7 +361,8 @@ def test_sincos_embedding_values():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [dict(), dict(classifier="gap"), dict(pos_embed="sincos"),
-                                dict(representation_size=24), dict(drop_path_rate=0.2, drop_rate=0.1)])
+                                dict(representation_size=24),
+                                dict(drop_path_rate=0.2, drop_rate=0.1)])
 def test_every_parameter_gets_a_gradient(kw):
     torch.manual_seed(0)
     model = tiny(**kw).train()
@@ -472,7 +483,8 @@ def test_pretrained_download_offline_fails_clearly(monkeypatch):
         raise OSError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", no_network)
-    with pytest.raises(RuntimeError, match="could not download vit_b_16 IMAGENET1K_V1.*network access"):
+    with pytest.raises(RuntimeError,
+                       match="could not download vit_b_16 IMAGENET1K_V1.*network access"):
         load_torchvision_pretrained("vit_b_16")
     with pytest.raises(ValueError, match="unknown torchvision ViT"):
         load_torchvision_pretrained("vit_b_16", weights="NOPE")
@@ -482,22 +494,30 @@ def test_pretrained_download_offline_fails_clearly(monkeypatch):
 # `python test_model.py`: structure, shape trace, parameter table
 # ---------------------------------------------------------------------------------------------
 
-def shape_trace(model: VisionTransformer, x: torch.Tensor) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(key, description, shape) after each stage of one forward pass, read from the real forward."""
+def shape_trace(model: VisionTransformer, x: torch.Tensor
+                ) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(key, description, shape) after each stage of one forward pass, read from the real
+    forward."""
     trace = [("input", "input image", tuple(x.shape))]
 
     def after(key: str, text: str):
-        return lambda m, i, o: trace.append((key, text, tuple((o[0] if isinstance(o, tuple) else o).shape)))
+        return lambda m, i, o: trace.append(
+            (key, text, tuple((o[0] if isinstance(o, tuple) else o).shape)))
 
     def before(key: str, text: str):
         return lambda m, i: trace.append((key, text, tuple(i[0].shape)))
 
-    hooks = [model.patch_embed.proj.register_forward_hook(after("patch_embed.proj", "Conv2d, kernel = stride = P")),
-             model.patch_embed.register_forward_hook(after("patch_embed", "flatten + transpose (Eq. 1)")),
-             model.blocks[0].register_forward_pre_hook(before("z0", "+ [CLS], + pos_embed (Eq. 1)"))]
-    hooks += [blk.register_forward_hook(after(f"blocks.{j}", "Eq. 2-3")) for j, blk in enumerate(model.blocks)]
+    hooks = [model.patch_embed.proj.register_forward_hook(
+                 after("patch_embed.proj", "Conv2d, kernel = stride = P")),
+             model.patch_embed.register_forward_hook(
+                 after("patch_embed", "flatten + transpose (Eq. 1)")),
+             model.blocks[0].register_forward_pre_hook(
+                 before("z0", "+ [CLS], + pos_embed (Eq. 1)"))]
+    hooks += [blk.register_forward_hook(after(f"blocks.{j}", "Eq. 2-3"))
+              for j, blk in enumerate(model.blocks)]
     hooks += [model.norm.register_forward_hook(after("norm", "final LayerNorm")),
-              model.head.register_forward_pre_hook(before("pool", f"{model.config.classifier} pooling (Eq. 4)")),
+              model.head.register_forward_pre_hook(
+                  before("pool", f"{model.config.classifier} pooling (Eq. 4)")),
               model.head.register_forward_hook(after("head", "logits"))]
     try:
         with torch.no_grad():
@@ -511,7 +531,8 @@ def shape_trace(model: VisionTransformer, x: torch.Tensor) -> list[tuple[str, st
 def parameter_table() -> list[tuple[str, ViTConfig, int]]:
     rows = []
     with torch.device("meta"):
-        for name, model in (("ViT-B/16", vit_base()), ("ViT-L/16", vit_large()), ("ViT-H/14", vit_huge())):
+        for name, model in (("ViT-B/16", vit_base()), ("ViT-L/16", vit_large()),
+                            ("ViT-H/14", vit_huge())):
             rows.append((name, model.config, n_params(model)))
     for name in CIFAR_PRESETS:
         model = vit_cifar(name)

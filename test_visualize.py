@@ -103,7 +103,8 @@ def tiny_checkpoint(tmp_path):
     images = []
     for i in range(2):
         p = tmp_path / f"img{i}.png"
-        Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)).save(p)
+        Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255)
+                        .astype(np.uint8)).save(p)
         images.append(str(p))
     return path, images
 
@@ -129,8 +130,10 @@ def test_bad_input_gets_clear_errors(tiny_checkpoint, tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
         figures("--checkpoint", str(path), "--images", str(bad), "--out-dir", str(tmp_path / "o"))
-    with pytest.raises(ValueError, match=r"--layers \[7\] out of range: this model has layers 1..3"):
-        figures("--checkpoint", str(path), "--images", *images, "--layers", "7", "--out-dir", str(tmp_path / "o"))
+    with pytest.raises(ValueError,
+                       match=r"--layers \[7\] out of range: this model has layers 1..3"):
+        figures("--checkpoint", str(path), "--images", *images, "--layers", "7",
+                "--out-dir", str(tmp_path / "o"))
     with pytest.raises(ValueError, match="head_fusion"):
         va.attention_rollout([torch.ones(1, 1, 2, 2)], "median")
 
@@ -140,7 +143,8 @@ def test_rollout_map_for_gap_models_averages_rows():
     torch.testing.assert_close(va.rollout_to_patch_map(r, 0, 3), r.mean(1).view(2, 3, 3))
 
 
-def test_own_images_get_top3_and_a_rollout_at_their_own_resolution(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+def test_own_images_get_top3_and_a_rollout_at_their_own_resolution(tiny_checkpoint, tmp_path,
+                                                                   capsys, monkeypatch):
     path, images = tiny_checkpoint  # two 40x50 images; the model sees them at 32x32
     shown = {}
     real = va.plot_rollout
@@ -156,8 +160,10 @@ def test_own_images_get_top3_and_a_rollout_at_their_own_resolution(tiny_checkpoi
     model = va.load_model(va.parse_args(["--checkpoint", str(path)])).model.eval()
     x = torch.stack([va.read_image(f, 32) for f in images])
     with torch.no_grad():
-        probs = model(va.normalize(x, (0.5,) * 3, (0.25,) * 3)).softmax(-1)  # the checkpoint's normalisation
+        # the checkpoint's normalisation
+        probs = model(va.normalize(x, (0.5,) * 3, (0.25,) * 3)).softmax(-1)
     for line, p in zip(printed, probs, strict=True):
         top = p.topk(3)
-        expected = ", ".join(f"{va.CIFAR10_CLASSES[int(i)]} {100 * v:.1f}%" for v, i in zip(*top, strict=True))
+        expected = ", ".join(f"{va.CIFAR10_CLASSES[int(i)]} {100 * v:.1f}%"
+                             for v, i in zip(*top, strict=True))
         assert line.split(": ", 1)[1] == expected

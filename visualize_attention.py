@@ -1,7 +1,7 @@
 """Look inside a ViT: the paper's Figure 7 (three panels), Figure 6 (attention rollout) and
 per-head attention maps, from the model's own attention output (no hooks).
 
-    python visualize_attention.py                 # newest trained checkpoint, else the shipped model
+    python visualize_attention.py                # newest trained checkpoint, else the shipped model
     python visualize_attention.py --images my_cat.jpg                    # top-3 classes and rollout
     python visualize_attention.py --checkpoint checkpoints/RUN/best.pt --data-dir /tmp/cifar10
     python visualize_attention.py --torchvision-weights vit_b_16 --images cat.jpg dog.png
@@ -14,7 +14,6 @@ plain tensor functions, separate from the plotting below them.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -26,16 +25,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from checkpoint import (
-    SHIPPED_MODEL,
     find_latest_checkpoint,
     input_normalization,
     load_checkpoint,
     model_from_checkpoint,
-    top_classes,
 )
-from data import BUNDLED_SAMPLES, CIFAR10_CLASSES, DataNotFoundError, image_files, load_dataset, normalize, read_image
+from data import (
+    BUNDLED_SAMPLES,
+    CIFAR10_CLASSES,
+    DataNotFoundError,
+    image_files,
+    load_dataset,
+    normalize,
+    read_image,
+)
+from inference import SHIPPED_MODEL, top_classes
 from plots import pyplot
-from vit_model import DownloadError, VisionTransformer, ViTConfig, load_jax_npz, load_torchvision_pretrained
+from runtime import run_cli
+from vit_model import VisionTransformer, ViTConfig, load_jax_npz, load_torchvision_pretrained
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision weights
 GOOGLE_MEAN, GOOGLE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # Google .npz checkpoints: [-1, 1]
@@ -159,24 +166,29 @@ def load_model(args: argparse.Namespace) -> Source:
     under --checkpoint-dir; else the model that ships with the repository."""
     if args.torchvision_weights:
         return Source(load_torchvision_pretrained(args.torchvision_weights),
-                      f"torchvision {args.torchvision_weights} (ImageNet)", IMAGENET_MEAN, IMAGENET_STD, None)
+                      f"torchvision {args.torchvision_weights} (ImageNet)", IMAGENET_MEAN,
+                      IMAGENET_STD, None)
     if args.npz:
-        return Source(load_jax_npz(args.npz), f"Google {Path(args.npz).name}", GOOGLE_MEAN, GOOGLE_STD, None)
+        return Source(load_jax_npz(args.npz), f"Google {Path(args.npz).name}", GOOGLE_MEAN,
+                      GOOGLE_STD, None)
     path = Path(args.checkpoint) if args.checkpoint else find_latest_checkpoint(args.checkpoint_dir)
     name = f"checkpoint {path}"
     if path is None and SHIPPED_MODEL.is_file():
-        path, name = SHIPPED_MODEL, f"shipped model {SHIPPED_MODEL.parent.name}/{SHIPPED_MODEL.name}"
+        path, name = (SHIPPED_MODEL,
+                      f"shipped model {SHIPPED_MODEL.parent.name}/{SHIPPED_MODEL.name}")
     if path is None or not path.exists():
         raise FileNotFoundError(
-            f"no checkpoint found ({args.checkpoint or args.checkpoint_dir + '/*/*.pt'}) and no shipped model "
-            f"({SHIPPED_MODEL}). Train one, e.g. `python train_cifar10.py --preset cpu --data-dir DATA`, or "
-            f"pass --checkpoint, --torchvision-weights vit_b_16 or --npz FILE")
+            f"no checkpoint found ({args.checkpoint or args.checkpoint_dir + '/*/*.pt'}) and no "
+            f"shipped model ({SHIPPED_MODEL}). Train one, e.g. `python train_cifar10.py --preset "
+            f"cpu --data-dir DATA`, or pass --checkpoint, --torchvision-weights vit_b_16 or "
+            f"--npz FILE")
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt)
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"{path} holds a {type(model).__name__} (the CNN baseline): attention maps need a "
-                         f"ViT checkpoint; pass one with --checkpoint")
-    classes = ckpt.get("classes") or (list(CIFAR10_CLASSES) if model.num_classes == len(CIFAR10_CLASSES) else None)
+        raise ValueError(f"{path} holds a {type(model).__name__} (the CNN baseline): attention "
+                         f"maps need a ViT checkpoint; pass one with --checkpoint")
+    classes = ckpt.get("classes") or (list(CIFAR10_CLASSES)
+                                      if model.num_classes == len(CIFAR10_CLASSES) else None)
     seed = int((ckpt.get("config") or {}).get("seed", 0))
     return Source(model, name, *input_normalization(ckpt), classes, seed)
 
@@ -194,7 +206,8 @@ class Images:
 
 def _from_files(files: list[Path], size: int, labels: list[str], name: str) -> Images:
     originals = [read_image(f) for f in files]
-    x = torch.stack([read_image(f, size) for f in files])  # the model's view: resized to size x size
+    # the model's view: resized to size x size
+    x = torch.stack([read_image(f, size) for f in files])
     return Images(x, labels, originals, name)
 
 
@@ -211,15 +224,18 @@ def load_images(args: argparse.Namespace, size: int) -> Images:
             raise
         files = image_files(BUNDLED_SAMPLES)
         print(f"no CIFAR-10 in {args.data_dir!r}: using the {len(files)} sample photos in "
-              f"{BUNDLED_SAMPLES.parent.name}/{BUNDLED_SAMPLES.name} (--data-dir DIR or --download for CIFAR-10)")
+              f"{BUNDLED_SAMPLES.parent.name}/{BUNDLED_SAMPLES.name} (--data-dir DIR or "
+              f"--download for CIFAR-10)")
         return _from_files(files, size, [f.name.split("_")[0] for f in files],
                            f"{len(files)} bundled sample photos")
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data.test_x), generator=g)[: args.num_images]
     x = data.test_x[idx]
     if x.shape[-1] != size:
-        x = F.interpolate(x.float(), size=(size, size), mode="bicubic").clamp(0, 255).to(torch.uint8)
-    return Images(x, [data.classes[i] for i in data.test_y[idx]], None, f"{len(x)} CIFAR-10 test images")
+        x = (F.interpolate(x.float(), size=(size, size), mode="bicubic").clamp(0, 255)
+             .to(torch.uint8))
+    return Images(x, [data.classes[i] for i in data.test_y[idx]], None,
+                  f"{len(x)} CIFAR-10 test images")
 
 
 @torch.inference_mode()
@@ -248,19 +264,24 @@ def plot_filters(panels: list[tuple[str, Tensor, Tensor]], path: Path, source: s
     k = max(pcs.shape[0] for _, pcs, _ in panels)
     cols = min(7, k)
     rows = -(-k // cols)
-    fig = plt.figure(figsize=(1.3 * cols * len(panels) + 0.3 * (len(panels) - 1), 1.45 * rows + 1.0))
-    for sub, (title, pcs, var) in zip(fig.subfigures(1, len(panels), squeeze=False)[0], panels, strict=True):
+    fig = plt.figure(figsize=(1.3 * cols * len(panels) + 0.3 * (len(panels) - 1),
+                              1.45 * rows + 1.0))
+    for sub, (title, pcs, var) in zip(fig.subfigures(1, len(panels), squeeze=False)[0], panels,
+                                      strict=True):
         axes = sub.subplots(rows, cols, squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for i in range(pcs.shape[0]):
             pc = pcs[i]
-            pc = (pc - pc.min()) / (pc.max() - pc.min()).clamp(min=1e-12)  # each component to [0, 1]
+            # each component to [0, 1]
+            pc = (pc - pc.min()) / (pc.max() - pc.min()).clamp(min=1e-12)
             img = pc.permute(1, 2, 0) if pc.shape[0] == 3 else pc.mean(0)
-            axes.flat[i].imshow(img.numpy(), interpolation="nearest", cmap=None if pc.shape[0] == 3 else "gray")
+            axes.flat[i].imshow(img.numpy(), interpolation="nearest",
+                                cmap=None if pc.shape[0] == 3 else "gray")
             axes.flat[i].set_title(f"PC{i + 1} {100 * var[i]:.0f}%", fontsize=7)
         sub.suptitle(title, fontsize=9)
-    fig.suptitle(f"RGB embedding filters: first {k} principal components\n{source}", fontsize=9, y=1.06)
+    fig.suptitle(f"RGB embedding filters: first {k} principal components\n{source}", fontsize=9,
+                 y=1.06)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
 
@@ -295,7 +316,8 @@ def plot_attention_distance(dist: Tensor, n_images: int, path: Path, source: str
     uniform = uniform_attention_distance(img_size // patch_size, patch_size)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for h in range(H):
-        ax.scatter(torch.arange(L) + 1, dist[:, h], s=14, label=f"Head {h + 1}" if H <= 16 else None)
+        ax.scatter(torch.arange(L) + 1, dist[:, h], s=14,
+                   label=f"Head {h + 1}" if H <= 16 else None)
     ax.axhline(uniform, ls="--", color="gray", lw=1, label=f"uniform attention ({uniform:.1f} px)")
     ax.set_xlabel("Network depth (layer)")
     ax.set_ylabel("Mean attention distance (pixels)")
@@ -310,16 +332,17 @@ def plot_attention_distance(dist: Tensor, n_images: int, path: Path, source: str
     plt.close(fig)
 
 
-def plot_rollout(images: list[Tensor], maps: Tensor, labels: list[str], preds: list[str], path: Path,
-                 head_fusion: str, source: str) -> None:
-    """Each image (3, H, W), at whatever resolution it has, under its rollout map (g, g) stretched to
-    its size."""
+def plot_rollout(images: list[Tensor], maps: Tensor, labels: list[str], preds: list[str],
+                 path: Path, head_fusion: str, source: str) -> None:
+    """Each image (3, H, W), at whatever resolution it has, under its rollout map (g, g) stretched
+    to its size."""
     plt = pyplot()
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(2.0 * n, 4.6), squeeze=False)
     for i in range(n):
         img = images[i].permute(1, 2, 0).numpy()
-        m = F.interpolate(maps[i][None, None], size=images[i].shape[1:], mode="bilinear", align_corners=False)[0, 0]
+        m = F.interpolate(maps[i][None, None], size=images[i].shape[1:], mode="bilinear",
+                          align_corners=False)[0, 0]
         m = (m - m.min()) / (m.max() - m.min()).clamp(min=1e-12)
         axes[0, i].imshow(img)
         axes[0, i].set_title(f"{labels[i]}\n(pred: {preds[i]})", fontsize=8)
@@ -327,9 +350,10 @@ def plot_rollout(images: list[Tensor], maps: Tensor, labels: list[str], preds: l
         im = axes[1, i].imshow(m.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
         for ax in axes[:, i]:
             ax.axis("off")
-    fig.colorbar(im, ax=axes[1, :].tolist(), fraction=0.02, label="attention to the input (rescaled)")
-    fig.suptitle(f"Attention rollout from the output token to the input (head fusion: {head_fusion})"
-                 f"\n{source}", fontsize=9)
+    fig.colorbar(im, ax=axes[1, :].tolist(), fraction=0.02,
+                 label="attention to the input (rescaled)")
+    fig.suptitle(f"Attention rollout from the output token to the input (head fusion: "
+                 f"{head_fusion})\n{source}", fontsize=9)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
 
@@ -368,19 +392,21 @@ def plot_heads(image: Tensor, attentions: list[Tensor], layers: list[int], num_p
 # --------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model (one of)")
     src.add_argument("--checkpoint", help="a checkpoint from train_cifar10.py (default: the newest "
                                           "best.pt/last.pt under --checkpoint-dir)")
-    src.add_argument("--checkpoint-dir", default="checkpoints", help="where to look for the newest checkpoint")
+    src.add_argument("--checkpoint-dir", default="checkpoints",
+                     help="where to look for the newest checkpoint")
     src.add_argument("--torchvision-weights", metavar="ARCH",
                      help="ImageNet weights through torchvision, e.g. vit_b_16 (needs the network)")
     src.add_argument("--npz", help="a Google ViT .npz checkpoint, e.g. ViT-B_16.npz")
     img = p.add_argument_group("images")
-    img.add_argument("--images", nargs="+", help="image files, any size: prints each one's top-3 classes "
-                                                 "(default: CIFAR-10 test images, else the bundled samples)")
-    img.add_argument("--data-dir", default="data", help="CIFAR-10 location, as in train_cifar10.py; without "
-                                                        "it, the sample photos in assets/samples are used")
+    img.add_argument("--images", nargs="+", help="image files, any size: prints each one's top-3 "
+                     "classes (default: CIFAR-10 test images, else the bundled samples)")
+    img.add_argument("--data-dir", default="data", help="CIFAR-10 location, as in "
+                     "train_cifar10.py; without it, the sample photos in assets/samples are used")
     img.add_argument("--download", action="store_true",
                      help="download CIFAR-10 into --data-dir when it is not there")
     img.add_argument("--num-images", type=int, default=128,
@@ -390,16 +416,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how the heads of a layer are combined in attention rollout")
     p.add_argument("--layers", type=int, nargs="+", help="layers (1-based) for attention_heads.png "
                                                          "(default: first, middle, last)")
-    p.add_argument("--num-pcs", type=int, default=28, help="principal components of the filters to show")
+    p.add_argument("--num-pcs", type=int, default=28,
+                   help="principal components of the filters to show")
     p.add_argument("--out-dir", default="figures", help="where the PNG files go")
     p.add_argument("--wandb", default="off", choices=("off", "offline", "online"),
                    help="also log the figures to a W&B run")
     p.add_argument("--seed", type=int, default=0, help="which test images are drawn")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (or set VIT_DEBUG=1)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error (or set VIT_DEBUG=1)")
     args = p.parse_args(argv)
     for name in ("num_images", "show", "num_pcs"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got "
+                             f"{getattr(args, name)}")
     return args
 
 
@@ -410,7 +439,8 @@ def default_layers(depth: int) -> list[int]:
 
 def make_figures(args: argparse.Namespace) -> dict[str, Path]:
     src = load_model(args)
-    model, source, mean, std, class_names = src.model.eval(), src.name, src.mean, src.std, src.classes
+    model, source, mean, std, class_names = (src.model.eval(), src.name, src.mean, src.std,
+                                             src.classes)
     cfg = model.config
     grid, P, pre = cfg.grid_size, cfg.patch_size, model.num_prefix_tokens
     layers = [l - 1 for l in args.layers] if args.layers else default_layers(cfg.depth)
@@ -439,7 +469,8 @@ def make_figures(args: argparse.Namespace) -> dict[str, Path]:
         "fig6_attention_rollout", "attention_heads")}
     torch.manual_seed(src.seed)  # the untrained model, drawn with the training run's seed
     init = VisionTransformer(ViTConfig(**cfg.to_dict())).patch_embed.proj.weight.detach()
-    panels = [("trained", *patch_embedding_pcs(model.patch_embed.proj.weight.detach(), args.num_pcs)),
+    panels = [("trained",
+               *patch_embedding_pcs(model.patch_embed.proj.weight.detach(), args.num_pcs)),
               (f"at initialisation (seed {src.seed})", *patch_embedding_pcs(init, args.num_pcs))]
     plot_filters(panels, files["fig7_embedding_filters"], source)
     if model.pos_embed is None:
@@ -448,13 +479,16 @@ def make_figures(args: argparse.Namespace) -> dict[str, Path]:
     else:
         sim = position_embedding_similarity(model.pos_embed.detach(), grid, pre)
         plot_position_similarity(sim, files["fig7_position_similarity"], source)
-    plot_attention_distance(dist, len(imgs.x), files["fig7_attention_distance"], source, P, cfg.img_size)
+    plot_attention_distance(dist, len(imgs.x), files["fig7_attention_distance"], source, P,
+                            cfg.img_size)
     n = min(args.show, len(imgs.x))
-    maps = rollout_to_patch_map(attention_rollout([a[:n] for a in attentions], args.head_fusion), pre, grid)
+    maps = rollout_to_patch_map(attention_rollout([a[:n] for a in attentions], args.head_fusion),
+                                pre, grid)
     shown = imgs.originals[:n] if imgs.originals is not None else list(imgs.x[:n])
-    plot_rollout(shown, maps, imgs.labels[:n], [top[0][0] for top in tops[:n]], files["fig6_attention_rollout"],
-                 args.head_fusion, source)
-    plot_heads(imgs.x[0], [a[:1] for a in attentions], layers, pre, grid, files["attention_heads"], source)
+    plot_rollout(shown, maps, imgs.labels[:n], [top[0][0] for top in tops[:n]],
+                 files["fig6_attention_rollout"], args.head_fusion, source)
+    plot_heads(imgs.x[0], [a[:1] for a in attentions], layers, pre, grid, files["attention_heads"],
+               source)
     print(f"attention of {len(imgs.x)} images and their mean distances: {t_dist:.2f} s "
           f"(Figure 7 right averages over these {len(imgs.x)} images)")
     for path in files.values():
@@ -473,15 +507,9 @@ def make_figures(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
-    """The command line: our errors become one line `error: ...` and exit code 2 (--debug: traceback)."""
-    try:
-        args = parse_args(argv)
-        return make_figures(args)
-    except (ValueError, FileNotFoundError, DataNotFoundError, DownloadError) as e:
-        if "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("VIT_DEBUG"):
-            raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        raise SystemExit(2) from None
+    """The command line: our errors become one line `error: ...` and exit code 2 (--debug:
+    traceback)."""
+    return run_cli(lambda args: make_figures(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

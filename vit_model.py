@@ -47,19 +47,22 @@ class ViTConfig:
     attn_drop_rate: float = 0.0  # dropout on the attention weights
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth
     patch_drop_rate: float = 0.0  # training only: drop this fraction of patch tokens (PatchDropout)
-    classifier: str = "token"  # "token": [CLS] (Eq. 4); "gap": global average pooling (Appendix D.3)
+    # "token": [CLS] (Eq. 4); "gap": global average pooling (Appendix D.3)
+    classifier: str = "token"
     pos_embed: str = "learned"  # "learned" | "sincos" (fixed 2D) | "none" (Appendix D.4)
     representation_size: int | None = None  # pre-logits layer of the pre-training head (Sec. 3.1)
-    dynamic_img_size: bool = False  # accept any square multiple of patch_size, pos_embed interpolated (Sec. 3.2)
-    gelu: str = "erf"  # MLP activation: "erf" (exact, as torchvision and timm) or "tanh" (flax's nn.gelu default)
+    # accept any square multiple of patch_size, pos_embed interpolated (Sec. 3.2)
+    dynamic_img_size: bool = False
+    # MLP activation: "erf" (exact, as torchvision and timm) or "tanh" (flax's nn.gelu default)
+    gelu: str = "erf"
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.mlp_ratio > 0 or self.num_classes < 0:
-            raise ValueError(f"mlp_ratio must be positive and num_classes 0 or more, got {self.mlp_ratio} "
-                             f"and {self.num_classes}")
+            raise ValueError(f"mlp_ratio must be positive and num_classes 0 or more, got "
+                             f"{self.mlp_ratio} and {self.num_classes}")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
         if self.gelu not in GELUS:
@@ -106,7 +109,9 @@ class PatchEmbed(nn.Module):
                  embed_dim: int = 768, dynamic_img_size: bool = False) -> None:
         super().__init__()
         if img_size % patch_size != 0:
-            raise ValueError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
+            raise ValueError(
+                f"img_size ({img_size}) must be divisible by patch_size ({patch_size})"
+            )
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -120,7 +125,9 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"expected a 4D image batch (B, C, H, W), got shape {tuple(x.shape)}")
         _, c, h, w = x.shape
         if c != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
+            raise ValueError(
+                f"expected {self.in_chans} input channels, got {c} (shape {tuple(x.shape)})"
+            )
         dynamic_ok = self.dynamic_img_size and h == w and h % self.patch_size == 0
         if (h != self.img_size or w != self.img_size) and not dynamic_ok:
             hint = (f"; {h}x{w} is not divisible by patch size {self.patch_size}"
@@ -165,15 +172,16 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
             )  # (B, h, T, D_h)
-        x = x.transpose(1, 2).reshape(B, T, D)  # concatenate heads, [SA_1; ...; SA_k] (Eq. 8): (B, T, D)
+        # concatenate heads, [SA_1; ...; SA_k] (Eq. 8)
+        x = x.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         x = self.proj_drop(self.proj(x))  # (B, T, D)
         return x, attn
 
 
 class MLP(nn.Module):
-    """Two dense layers with a GELU between them (Sec. 3.1). gelu="erf" is the exact form (torchvision
-    and timm); "tanh" is the approximation that flax's nn.gelu uses by default, so the official JAX
-    models were trained with it."""
+    """Two dense layers with a GELU between them (Sec. 3.1). gelu="erf" is the exact form
+    (torchvision and timm); "tanh" is the approximation that flax's nn.gelu uses by default, so the
+    official JAX models were trained with it."""
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, gelu: str = "erf") -> None:
         super().__init__()
@@ -210,7 +218,8 @@ class Block(nn.Module):
     """One pre-norm Transformer encoder layer (Eq. 2-3)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, gelu: str = "erf") -> None:
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 gelu: str = "erf") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop=drop)
@@ -228,14 +237,16 @@ class Block(nn.Module):
 
 def sincos_pos_embed_2d(grid_size: int, dim: int, temperature: float = 10000.0) -> Tensor:
     """Fixed 2D sine-cosine position embedding, shape (grid_size**2, dim), as big_vision's
-    `posemb_sincos_2d` (later ViT work and MAE). Not one of the paper's variants: its "2-D" embedding
-    (Appendix D.4, Table 8) is learned, an X table and a Y table of D/2 each, concatenated.
+    `posemb_sincos_2d` (later ViT work and MAE). Not one of the paper's variants: its "2-D"
+    embedding (Appendix D.4, Table 8) is learned, an X table and a Y table of D/2 each,
+    concatenated.
 
     A quarter of the channels each for sin(x), cos(x), sin(y), cos(y) (x: column, y: row), at the
     frequencies 1 / temperature^(i / (dim/4 - 1)), i = 0 .. dim/4 - 1.
     """
     if dim % 4 != 0 or dim < 8:
-        raise ValueError(f"embed_dim must be a multiple of 4 and at least 8 for sincos position embedding, got {dim}")
+        raise ValueError("embed_dim must be a multiple of 4 and at least 8 for sincos position "
+                         f"embedding, got {dim}")
     coords = torch.arange(grid_size, dtype=torch.float64)
     y, x = torch.meshgrid(coords, coords, indexing="ij")  # (g, g) each, row-major like the patches
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4 - 1))
@@ -249,7 +260,8 @@ def resize_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 
     """Sec. 3.2: 2D-interpolate a learned position embedding to a new patch grid.
 
     pos_embed: (1, num_prefix_tokens + g*g, D). The [CLS] slot is kept as it is; the g x g grid of
-    patch embeddings is resized to new_grid x new_grid. Returns (1, num_prefix_tokens + new_grid**2, D).
+    patch embeddings is resized to new_grid x new_grid. Returns
+    (1, num_prefix_tokens + new_grid**2, D).
     """
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"expected pos_embed of shape (1, T, D), got {tuple(pos_embed.shape)}")
@@ -277,7 +289,8 @@ class VisionTransformer(nn.Module):
         self.num_classes = cfg.num_classes
         self.num_prefix_tokens = 1 if cfg.classifier == "token" else 0
 
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D, cfg.dynamic_img_size)
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D,
+                                      cfg.dynamic_img_size)
         # x_class (Eq. 1); absent for global average pooling (Appendix D.3)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.classifier == "token" else None
         if cfg.pos_embed == "learned":  # E_pos (Eq. 1)
@@ -289,9 +302,11 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         self.patch_drop_rate = cfg.patch_drop_rate  # may be changed during training
 
-        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear rule
+        # drop-path rate per block: linear rule
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([
-            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_rate, cfg.attn_drop_rate, dpr[i], cfg.gelu)
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_rate, cfg.attn_drop_rate,
+                  dpr[i], cfg.gelu)
             for i in range(cfg.depth)
         ])
         self.norm = nn.LayerNorm(D, eps=1e-6)  # LN before the head (Eq. 4)
@@ -301,25 +316,29 @@ class VisionTransformer(nn.Module):
             self.num_features = cfg.representation_size
         else:
             self.pre_logits = nn.Identity()
-        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0
+                     else nn.Identity())
         self.init_weights()
 
     def _sincos(self, grid_size: int) -> Tensor:
         pe = sincos_pos_embed_2d(grid_size, self.embed_dim)  # (g*g, D)
         if self.num_prefix_tokens:
-            pe = torch.cat([pe.new_zeros(self.num_prefix_tokens, self.embed_dim), pe])  # CLS slot: 0
+            # CLS slot: 0
+            pe = torch.cat([pe.new_zeros(self.num_prefix_tokens, self.embed_dim), pe])
         return pe.unsqueeze(0)  # (1, T, D)
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Close to the official JAX models (vit_jax/models_vit.py), with two small differences of ours.
+        """Close to the official JAX models (vit_jax/models_vit.py), with two small differences
+        of ours.
 
-        As there: linear weights xavier-uniform (the Dense layers of the MLP and attention; q, k and v
-        are separate D x D kernels in JAX, so each third of our fused qkv gets xavier-uniform of its
-        own fan, where xavier on the whole (3D, D) matrix would give a smaller bound); patch embedding
-        LeCun normal (flax Conv default); [CLS] zeros; classification head zeros, so training starts
-        from uniform logits. Ours: every bias zero (the official MLP biases are normal, std 1e-6),
-        and the position embedding a normal of std 0.02 truncated at 2 std (official: not truncated).
+        As there: linear weights xavier-uniform (the Dense layers of the MLP and attention; q, k and
+        v are separate D x D kernels in JAX, so each third of our fused qkv gets xavier-uniform of
+        its own fan, where xavier on the whole (3D, D) matrix would give a smaller bound); patch
+        embedding LeCun normal (flax Conv default); [CLS] zeros; classification head zeros, so
+        training starts from uniform logits. Ours: every bias zero (the official MLP biases are
+        normal, std 1e-6), and the position embedding a normal of std 0.02 truncated at 2 std
+        (official: not truncated).
         """
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -366,9 +385,9 @@ class VisionTransformer(nn.Module):
         return self.norm(x), attentions  # (B, T, D)
 
     def _pos_embed_at(self, grid: int) -> Tensor:
-        """E_pos for a grid x grid patch grid: the model's own, or for another grid (dynamic_img_size)
-        the learned one 2D-interpolated (Sec. 3.2; differentiable, so training updates the original)
-        or the fixed one recomputed. Returns (1, T, D)."""
+        """E_pos for a grid x grid patch grid: the model's own, or for another grid
+        (dynamic_img_size) the learned one 2D-interpolated (Sec. 3.2; differentiable, so training
+        updates the original) or the fixed one recomputed. Returns (1, T, D)."""
         if grid == self.patch_embed.grid_size:
             return self.pos_embed
         if isinstance(self.pos_embed, nn.Parameter):
@@ -409,14 +428,16 @@ class VisionTransformer(nn.Module):
 
         The position embedding is resized in place: it stays the same Parameter object, so an
         optimiser built before still trains it. Call it before the optimiser's first step (or build
-        the optimiser after it): moment estimates already kept for the old shape do not fit the new one.
+        the optimiser after it): moment estimates already kept for the old shape do not fit the new
+        one.
         """
         cfg = ViTConfig(**{**self.config.to_dict(), "img_size": img_size})  # validates divisibility
         self.patch_embed.img_size = img_size
         self.patch_embed.grid_size = cfg.grid_size
         self.patch_embed.num_patches = cfg.num_patches
         if isinstance(self.pos_embed, nn.Parameter):
-            self.pos_embed.data = resize_pos_embed(self.pos_embed.data, cfg.grid_size, self.num_prefix_tokens)
+            self.pos_embed.data = resize_pos_embed(self.pos_embed.data, cfg.grid_size,
+                                                   self.num_prefix_tokens)
             self.pos_embed.grad = None
         elif self.pos_embed is not None:
             self.pos_embed = self._sincos(cfg.grid_size).to(self.pos_embed)
@@ -427,24 +448,26 @@ class VisionTransformer(nn.Module):
 # Named configurations and factories: Table 1 of the paper, and small presets for 32x32 images
 # --------------------------------------------------------------------------------------------
 
-# One registry of named configurations: Table 1 of the paper (ImageNet sizes, patch 16/14 at 224) and
-# small presets for 32x32 images (patch 4: an 8x8 grid, 64 patches, 65 tokens with [CLS]).
+# One registry of named configurations: Table 1 of the paper (ImageNet sizes, patch 16/14 at 224)
+# and small presets for 32x32 images (patch 4: an 8x8 grid, 64 patches, 65 tokens with [CLS]).
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16),  # 86.6M as B/16
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, patch_size=16),  # 304.3M as L/16
-    "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4.0, patch_size=14),  # 632.0M as H/14
-    "vit_cifar_tiny": dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, patch_size=4, img_size=32,
-                           num_classes=10),
-    "vit_cifar_small": dict(embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0, patch_size=4, img_size=32,
-                            num_classes=10),
-    "vit_cifar_base": dict(embed_dim=256, depth=12, num_heads=8, mlp_ratio=4.0, patch_size=4, img_size=32,
-                           num_classes=10),
+    # parameters: 86.6M as B/16, 304.3M as L/16, 632.0M as H/14
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, patch_size=16),
+    "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4.0, patch_size=14),
+    "vit_cifar_tiny": dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, patch_size=4,
+                           img_size=32, num_classes=10),
+    "vit_cifar_small": dict(embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0, patch_size=4,
+                            img_size=32, num_classes=10),
+    "vit_cifar_base": dict(embed_dim=256, depth=12, num_heads=8, mlp_ratio=4.0, patch_size=4,
+                           img_size=32, num_classes=10),
 }
 CIFAR_PRESETS = tuple(name for name in MODEL_CONFIGS if name.startswith("vit_cifar"))
 
 
 def model_config(name: str, **overrides: Any) -> ViTConfig:
-    """The named configuration of MODEL_CONFIGS with some fields replaced (None keeps the preset's)."""
+    """The named configuration of MODEL_CONFIGS with some fields replaced (None keeps the
+    preset's)."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_CONFIGS)}")
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -472,7 +495,8 @@ def vit_huge(patch_size: int = 14, img_size: int = 224, num_classes: int = 1000,
                                           num_classes=num_classes, **kwargs))
 
 
-def vit_cifar(name: str = "vit_cifar_small", num_classes: int = 10, **kwargs: Any) -> VisionTransformer:
+def vit_cifar(name: str = "vit_cifar_small", num_classes: int = 10, **kwargs: Any
+              ) -> VisionTransformer:
     """A small ViT for 32x32 images with 4x4 patches; `name` is one of CIFAR_PRESETS."""
     if name not in CIFAR_PRESETS:
         raise ValueError(f"unknown CIFAR preset {name!r}; choose from {sorted(CIFAR_PRESETS)}")
@@ -514,12 +538,15 @@ def load_state_dict_checked(model: VisionTransformer, state_dict: Mapping[str, T
     loaded and the model keeps its zero-initialised head (fine-tuning on new classes).
     """
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"expected a state dict (parameter name -> tensor), got {type(state_dict).__name__}")
+        raise ValueError("expected a state dict (parameter name -> tensor), got "
+                         f"{type(state_dict).__name__}")
     own = model.state_dict()
     if ("cls_token" in state_dict) != ("cls_token" in own):  # Eq. 4 vs Appendix D.3
-        kinds = {True: "a [CLS] token (classifier='token')", False: "global average pooling (classifier='gap')"}
-        raise ValueError(f"the weights are of a model with {kinds['cls_token' in state_dict]}, this model uses "
-                         f"{kinds['cls_token' in own]}: build it with the weights' classifier")
+        kinds = {True: "a [CLS] token (classifier='token')",
+                 False: "global average pooling (classifier='gap')"}
+        raise ValueError(f"the weights are of a model with {kinds['cls_token' in state_dict]}, "
+                         f"this model uses {kinds['cls_token' in own]}: build it with the "
+                         "weights' classifier")
     sd = {k: v for k, v in state_dict.items() if not (skip_head and k.startswith("head."))}
     expected = {k for k in own if not (skip_head and k.startswith("head."))}
     pe = sd.get("pos_embed")
@@ -596,14 +623,16 @@ def convert_jax_state_dict(arrays: Mapping[str, Any]) -> dict[str, Tensor]:
         a = p + "MultiHeadDotProductAttention_1/"
         D = t[a + "query/kernel"].shape[0]
         b = f"blocks.{i}."
-        out[b + "norm1.weight"], out[b + "norm1.bias"] = t[p + "LayerNorm_0/scale"], t[p + "LayerNorm_0/bias"]
+        out[b + "norm1.weight"], out[b + "norm1.bias"] = (t[p + "LayerNorm_0/scale"],
+                                                          t[p + "LayerNorm_0/bias"])
         out[b + "attn.qkv.weight"] = torch.cat(
             [t[a + n + "/kernel"].reshape(D, D).T for n in ("query", "key", "value")])  # (3D, D)
         out[b + "attn.qkv.bias"] = torch.cat(
             [t[a + n + "/bias"].reshape(D) for n in ("query", "key", "value")])  # (3D,)
         out[b + "attn.proj.weight"] = t[a + "out/kernel"].reshape(D, D).T  # (h, D_h, D) -> (D, D)
         out[b + "attn.proj.bias"] = t[a + "out/bias"]
-        out[b + "norm2.weight"], out[b + "norm2.bias"] = t[p + "LayerNorm_2/scale"], t[p + "LayerNorm_2/bias"]
+        out[b + "norm2.weight"], out[b + "norm2.bias"] = (t[p + "LayerNorm_2/scale"],
+                                                          t[p + "LayerNorm_2/bias"])
         for j in (0, 1):
             out[b + f"mlp.fc{j + 1}.weight"] = t[p + f"MlpBlock_3/Dense_{j}/kernel"].T
             out[b + f"mlp.fc{j + 1}.bias"] = t[p + f"MlpBlock_3/Dense_{j}/bias"]
@@ -622,14 +651,16 @@ def _config_from_state_dict(sd: Mapping[str, Tensor], **overrides: Any) -> ViTCo
     fields = dict(img_size=grid * P, patch_size=P, in_chans=C, embed_dim=D, depth=depth,
                   mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
                   num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
-                  representation_size=sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None,
+                  representation_size=(sd["pre_logits.fc.weight"].shape[0]
+                                       if "pre_logits.fc.weight" in sd else None),
                   num_heads={768: 12, 1024: 16, 1280: 16}.get(D, max(1, D // 64)))
     return ViTConfig(**{**fields, **overrides})
 
 
 def load_jax_npz(path: str, **overrides: Any) -> VisionTransformer:
-    """Build a model from a Google `.npz` checkpoint (github.com/google-research/vision_transformer),
-    with the tanh GELU those models were trained with (pass gelu="erf" for the exact form)."""
+    """Build a model from a Google `.npz` checkpoint
+    (github.com/google-research/vision_transformer), with the tanh GELU those models were trained
+    with (pass gelu="erf" for the exact form)."""
     import zipfile
 
     import numpy as np
