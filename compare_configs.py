@@ -58,7 +58,7 @@ from config import (  # noqa: E402
     parse_settings,
     validate,
 )
-from data import ImageData, load_dataset  # noqa: E402
+from data import ImageData, load_dataset, split_data  # noqa: E402
 from runtime import run_cli  # noqa: E402
 from vit_model import ViTConfig, estimate_flops  # noqa: E402
 
@@ -226,7 +226,7 @@ def make_row(study: str, run: Run, cfg: TrainConfig, run_dir: Path, data: ImageD
         "minutes": round(hist[-1]["elapsed_min"], 2),
         "images_per_sec": round(sum(h["images_per_sec"] * h["epoch_time"] for h in hist)
                                 / train_s, 1),
-        "train_images": len(tc.split_data(cfg, data, torch.device("cpu"), 0, 1)[1]),
+        "train_images": len(split_data(data, cfg.val_split, cfg.train_fraction)[1]),
         "params": params, "mflops": round(mflops, 1), "machine": machine,
         "date": time.strftime("%Y-%m-%d"), "run_dir": str(run_dir),
     }

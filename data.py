@@ -207,6 +207,51 @@ def load_dataset(data_dir: str | Path, download: bool = True, img_size: int = 32
     return _load_batches_py(root / "cifar-10-batches-py")
 
 
+@dataclass
+class EvalSet:
+    """Evaluation images of this process (uint8, on the device): all of them, and the evenly
+    spaced subset used between epochs (--eval-subset; every class equally often when sorted by
+    class)."""
+
+    name: str  # "test" or "val"
+    size: int  # images over all processes
+    x: Tensor
+    y: Tensor
+    sub_x: Tensor
+    sub_y: Tensor
+    subset: int
+
+
+def split_data(data: ImageData, val_split: int = 0, train_fraction: float = 1.0,
+               eval_subset: int = 0, device: torch.device | str = "cpu", rank: int = 0,
+               world: int = 1) -> tuple[Tensor, Tensor, EvalSet]:
+    """A run's training images and its evaluation set: the test set, or val_split images held
+    out of the training set (a fixed permutation, the same for every seed); then train_fraction
+    of each class of the rest (another fixed permutation, so a smaller fraction is a subset of a
+    larger one). The evaluation images are split across the DDP processes."""
+    train_x, train_y, eval_x, eval_y = data.train_x, data.train_y, data.test_x, data.test_y
+    if val_split:
+        if not val_split < len(train_x):
+            raise ValueError(f"--val-split must be in (0, {len(train_x)}), got {val_split}")
+        perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1234))
+        eval_x, eval_y = train_x[perm[:val_split]], train_y[perm[:val_split]]
+        train_x, train_y = train_x[perm[val_split:]], train_y[perm[val_split:]]
+    if train_fraction < 1:
+        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(4321))
+        by_class = [order[train_y[order] == c] for c in train_y.unique()]
+        keep = torch.cat([idx[:max(1, round(train_fraction * len(idx)))]
+                          for idx in by_class]).sort().values
+        train_x, train_y = train_x[keep], train_y[keep]
+    n = len(eval_x)
+    if not eval_subset < n:
+        raise ValueError(f"--eval-subset must be in [0, {n}), got {eval_subset}")
+    sub = torch.arange(eval_subset) * n // max(eval_subset, 1)
+    evals = EvalSet("val" if val_split else "test", n, eval_x[rank::world].to(device),
+                    eval_y[rank::world].to(device), eval_x[sub][rank::world].to(device),
+                    eval_y[sub][rank::world].to(device), eval_subset)
+    return train_x.to(device), train_y.to(device), evals
+
+
 # --------------------------------------------------------------------------------------------
 # Batched per-sample augmentation on uint8 (B, 3, H, W) tensors
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def test_both_formats_load_the_same_images(tmp_path, make_batches, make_image_fo
 
 
 def test_missing_data_offline_names_both_options(tmp_path):
-    with pytest.raises(DataNotFoundError, match="cifar-10-batches-py.*ImageFolder tree with 'train/' and 'test/'"):
+    with pytest.raises(DataNotFoundError,
+                       match="cifar-10-batches-py.*ImageFolder tree with 'train/' and 'test/'"):
         load_dataset(tmp_path, download=False)
 
 
@@ -42,7 +43,8 @@ def test_crop_and_flip_are_drawn_per_sample():
     x = img.expand(64, 3, 8, 8)
     out = random_crop_flip(x, pad=2, flip=True)
     padded = torch.nn.functional.pad(img, (2, 2, 2, 2))[0]
-    windows = {(dy, dx, f): (padded[:, dy:dy + 8, dx:dx + 8].flip(-1) if f else padded[:, dy:dy + 8, dx:dx + 8])
+    windows = {(dy, dx, f): (padded[:, dy:dy + 8, dx:dx + 8].flip(-1) if f
+                             else padded[:, dy:dy + 8, dx:dx + 8])
                for dy in range(5) for dx in range(5) for f in (0, 1)}
     draws = []
     for o in out:  # every output is one crop (and maybe flip) of the padded image
@@ -60,7 +62,8 @@ def test_randaug_colour_ops_match_torchvision():
     img = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
     img[0] = 255  # saturated and dark images as edge cases
     img[1] //= 8
-    reference = {  # torchvision's functions, as its RandAugment calls them, with v the signed magnitude
+    # torchvision's functions, as its RandAugment calls them, with v the signed magnitude
+    reference = {
         "Brightness": lambda im, v: TF.adjust_brightness(im, 1 + v),
         "Color": lambda im, v: TF.adjust_saturation(im, 1 + v),
         "Contrast": lambda im, v: TF.adjust_contrast(im, 1 + v),
@@ -76,7 +79,8 @@ def test_randaug_colour_ops_match_torchvision():
             for sign in (1, -1) if signed else (1,):
                 v = sign * max_v * magnitude / 30
                 ours = apply_randaug_op(img, name, v).int()
-                theirs = torch.stack([fn(im[None], v)[0] for im in img]).int()  # one image at a time
+                # one image at a time
+                theirs = torch.stack([fn(im[None], v)[0] for im in img]).int()
                 diff = (ours - theirs).abs()
                 if family == "blend":  # float rounding may differ across CPUs (fused multiply-add)
                     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (name, v)
@@ -90,10 +94,12 @@ def test_rand_augment_draws_one_op_per_sample():
     out = rand_augment(x, num_ops=1, magnitude=9)
     assert out.dtype == torch.uint8 and out.shape == x.shape
     drawn = []
-    for i in range(len(x)):  # each output is some single operation, with some sign, of its own input
+    # each output is some single operation, with some sign, of its own input
+    for i in range(len(x)):
         candidates = [(name, sign) for name, (max_v, signed, _) in RANDAUG_OPS.items()
                       for sign in ((1, -1) if signed else (1,))
-                      if torch.equal(out[i:i + 1], apply_randaug_op(x[i:i + 1], name, sign * max_v * 9 / 30))]
+                      if torch.equal(out[i:i + 1],
+                                     apply_randaug_op(x[i:i + 1], name, sign * max_v * 9 / 30))]
         assert candidates, f"sample {i} is no single RandAugment operation of its input"
         drawn.append(candidates[0])
     assert len(set(drawn)) > 12  # operations and signs vary within the batch
@@ -140,8 +146,10 @@ def test_normalize_matches_the_formula():
     from data import CIFAR10_MEAN, CIFAR10_STD, normalize
 
     x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
-    mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(normalize(x, CIFAR10_MEAN, CIFAR10_STD), (x.float() / 255 - mean) / std)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize(x, CIFAR10_MEAN, CIFAR10_STD),
+                               (x.float() / 255 - mean) / std)
 
 
 def test_warp_translates_shears_and_rotates_exactly():
@@ -155,7 +163,8 @@ def test_warp_translates_shears_and_rotates_exactly():
     for y in range(5):
         s = y - 2
         for x in range(5):
-            expected = img[:, :, y, x + s] if 0 <= x + s < 5 else torch.zeros(2, 1, dtype=torch.uint8)
+            expected = (img[:, :, y, x + s] if 0 <= x + s < 5
+                        else torch.zeros(2, 1, dtype=torch.uint8))
             assert torch.equal(sheared[:, :, y, x], expected)
     rot90 = apply_randaug_op(img, "Rotate", 90.0)
     assert any(torch.equal(rot90, torch.rot90(img, k=k, dims=(2, 3))) for k in (1, -1))
@@ -174,19 +183,21 @@ def test_gpu_augmentation_needs_no_host_synchronisation():
     # Meta tensors have shapes but no values: any operation that reads a value on the host
     # (.item(), .tolist(), nonzero, unique, bincount) raises on them. The GPU recipe's whole
     # transform runs on them, so on CUDA it never waits for the device.
-    aug = Augment(10, (0.5,) * 3, (0.25,) * 3, crop_pad=4, flip=True, randaug_n=2, randaug_m=9, erase_prob=0.25,
-                  label_smoothing=0.1, mixup=0.8, cutmix=1.0)
+    aug = Augment(10, (0.5,) * 3, (0.25,) * 3, crop_pad=4, flip=True, randaug_n=2, randaug_m=9,
+                  erase_prob=0.25, label_smoothing=0.1, mixup=0.8, cutmix=1.0)
     x, target = aug(torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta"),
                     torch.empty(8, dtype=torch.long, device="meta"))
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and target.shape == (8, 10)
-    with pytest.raises(NotImplementedError):  # the CPU path reads counts on the host, and the check sees it
-        rand_augment(torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta"), 2, 9, host_sync=True)
+    # the CPU path reads counts on the host, and the check sees it
+    with pytest.raises(NotImplementedError):
+        rand_augment(torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta"), 2, 9,
+                     host_sync=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_augmentation_does_not_synchronise():
-    aug = Augment(10, (0.5,) * 3, (0.25,) * 3, randaug_n=2, erase_prob=0.25, label_smoothing=0.1, mixup=0.8,
-                  cutmix=1.0)
+    aug = Augment(10, (0.5,) * 3, (0.25,) * 3, randaug_n=2, erase_prob=0.25, label_smoothing=0.1,
+                  mixup=0.8, cutmix=1.0)
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
     y = torch.randint(0, 10, (64,), device="cuda")
     aug(x, y)  # warm-up: caches the operation table on the device
@@ -201,14 +212,16 @@ def test_batches_give_each_sample_once_with_disjoint_shards():
     n, bs, world = 103, 10, 2
     x = torch.arange(n).view(n, 1, 1, 1).to(torch.uint8)
     y = torch.arange(n)
-    shards = [TrainBatches(x, y, bs, lambda a, b: (a, b), seed=3, rank=r, world=world) for r in range(world)]
+    shards = [TrainBatches(x, y, bs, lambda a, b: (a, b), seed=3, rank=r, world=world)
+              for r in range(world)]
     assert len(shards[0]) == n // bs
     for epoch in (0, 1):
         steps = [[labels for _, labels in s.epoch(epoch)] for s in shards]
         for a, b in zip(*steps, strict=True):  # per step: two disjoint halves of one global batch
             assert len(a) == len(b) == bs // world and not set(a.tolist()) & set(b.tolist())
         seen = torch.cat([t for per_rank in steps for t in per_rank])
-        assert len(seen) == len(set(seen.tolist())) == (n // bs) * bs  # each sample at most once, 3 dropped
+        # each sample at most once, 3 dropped
+        assert len(seen) == len(set(seen.tolist())) == (n // bs) * bs
     again = TrainBatches(x, y, bs, lambda a, b: (a, b), seed=3, rank=0, world=world)
     assert torch.equal(again.indices(1), shards[0].indices(1))  # same seed and epoch: same order
     assert not torch.equal(shards[0].indices(0), shards[0].indices(1))  # a new order each epoch

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_model import parameter_table, shape_trace
 from vit_model import Attention, estimate_flops, vit_base, vit_cifar, vit_huge, vit_large
 
 HERE = Path(__file__).resolve().parent
@@ -55,7 +54,7 @@ def test_every_marked_table_is_found():
     assert len(checked_tables("b16-breakdown")) >= 1
 
 
-def test_shape_table_matches_a_real_forward_pass():
+def test_shape_table_matches_a_real_forward_pass(shape_trace):
     with torch.device("meta"):  # shapes only, no memory
         traces = [shape_trace(vit_base(), torch.empty(2, 3, 224, 224)),
                   shape_trace(vit_cifar("vit_cifar_tiny"), torch.empty(2, 3, 32, 32))]
@@ -66,20 +65,23 @@ def test_shape_table_matches_a_real_forward_pass():
             keys.add(key)
             for cell, trace in zip(row[2:4], traces, strict=True):
                 documented = tuple(int(v) for v in cell.replace("B", "2").strip("()").split(","))
-                actual = [s for k, _, s in trace if (k.startswith("blocks.") if key == "blocks.*" else k == key)]
+                actual = [s for k, _, s in trace
+                          if (k.startswith("blocks.") if key == "blocks.*" else k == key)]
                 assert actual and all(s == documented for s in actual), (key, cell, actual)
-        assert keys >= {"input", "patch_embed.proj", "patch_embed", "z0", "blocks.*", "norm", "pool", "head"}
+        assert keys >= {"input", "patch_embed.proj", "patch_embed", "z0",
+                        "blocks.*", "norm", "pool", "head"}
 
 
-def test_parameter_tables_match_the_code():
+def test_parameter_tables_match_the_code(parameter_table):
     rows = {name: (cfg, n) for name, cfg, n in parameter_table()}
     for table in checked_tables("params"):
         assert {r[0] for r in table} == set(rows)
         for name, img, patch, depth, dim, mlp, heads, tokens, count in table:
             cfg, n = rows[name]
-            assert [int(img), int(patch), int(depth), int(dim), int(mlp), int(heads), int(tokens)] == [
-                cfg.img_size, cfg.patch_size, cfg.depth, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio),
-                cfg.num_heads, cfg.num_tokens], name
+            assert [int(img), int(patch), int(depth), int(dim), int(mlp), int(heads),
+                    int(tokens)] == [cfg.img_size, cfg.patch_size, cfg.depth, cfg.embed_dim,
+                                     int(cfg.embed_dim * cfg.mlp_ratio), cfg.num_heads,
+                                     cfg.num_tokens], name
             assert number(count) == n, name
 
 
@@ -95,7 +97,8 @@ def test_b16_parameter_breakdown_matches_the_code():
         for part, formula, count in table:
             assert number(count) == counts[part.strip("`")], part
             if formula:  # the written formula evaluates to the same number
-                assert eval(formula.replace("·", "*").replace("²", "**2")) == counts[part.strip("`")]
+                assert (eval(formula.replace("·", "*").replace("²", "**2"))
+                        == counts[part.strip("`")])
 
 
 @pytest.mark.parametrize("table_index", [0])
@@ -118,18 +121,22 @@ def _matrices(cell: str) -> torch.Tensor:
 
 def test_worked_attention_example_is_what_the_code_computes():
     (table,) = checked_tables("worked-example")
-    doc = {re.search(r"`(\w+)`", row[0]).group(1): torch.stack([_matrices(row[1]), _matrices(row[2])])
+    doc = {re.search(r"`(\w+)`", row[0]).group(1):
+           torch.stack([_matrices(row[1]), _matrices(row[2])])
            for row in table}
     attn = Attention(4, num_heads=2)
     with torch.no_grad():
-        attn.qkv.weight.copy_(torch.cat([torch.eye(4), torch.eye(4), torch.diag(torch.tensor([1.0, 2, 3, 4]))]))
+        attn.qkv.weight.copy_(torch.cat([torch.eye(4), torch.eye(4),
+                                         torch.diag(torch.tensor([1.0, 2, 3, 4]))]))
         attn.qkv.bias.zero_()
         attn.proj.weight.copy_(torch.eye(4))
         attn.proj.bias.zero_()
         z = torch.tensor([[[1.0, 0, 1, 0], [0, 1, 0, 1], [1, 1, 0, 0]]])  # (1, T=3, D=4)
         out, A = attn(z, return_attention=True)
-        q, k, v = attn.qkv(z).reshape(1, 3, 3, 2, 2).permute(2, 0, 3, 1, 4)[:, 0]  # 3 x (heads, T, D_h)
-    got = {"q": q, "k": k, "v": v, "scores": q @ k.transpose(-2, -1) / math.sqrt(2), "A": A[0], "SA": A[0] @ v}
+        # 3 x (heads, T, D_h)
+        q, k, v = attn.qkv(z).reshape(1, 3, 3, 2, 2).permute(2, 0, 3, 1, 4)[:, 0]
+    got = {"q": q, "k": k, "v": v, "scores": q @ k.transpose(-2, -1) / math.sqrt(2),
+           "A": A[0], "SA": A[0] @ v}
     assert set(doc) == set(got)
     for name, value in got.items():
         torch.testing.assert_close(doc[name], value, atol=6e-5, rtol=0, msg=name)
@@ -148,11 +155,13 @@ def test_uniform_attention_distances_match_the_code():
 
 
 def test_stated_ratios_and_differences():
-    # vit_architecture.md section 9: attention / linear FLOPs per block = T / (6D), e.g. 577 / 4608 for B/16 at 384
+    # vit_architecture.md section 9: attention / linear FLOPs per block = T / (6D),
+    # e.g. 577 / 4608 for B/16 at 384
     for model in (vit_base(img_size=384), vit_base(), vit_cifar("vit_cifar_base")):
         cfg = model.config
         f = estimate_flops(cfg)
-        assert f["blocks_attention"] / f["blocks_linear"] == pytest.approx(cfg.num_tokens / (6 * cfg.embed_dim))
+        assert f["blocks_attention"] / f["blocks_linear"] == pytest.approx(
+            cfg.num_tokens / (6 * cfg.embed_dim))
     # section 4.2: the erf and tanh forms of GELU differ by at most 4.7e-4, at x = -2.7
     x = torch.linspace(-6, 6, 12001, dtype=torch.float64)
     diff = (torch.nn.functional.gelu(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs()
@@ -170,8 +179,9 @@ def test_the_307m_paragraph_counts():
 
 
 def test_study_tables_in_the_readme_are_the_measured_ones():
-    """Each study table in README.md (after `<!-- check:study-NAME -->`) is the one compare_configs.py
-    wrote from results/NAME.json, row for row, so the README cannot show numbers no run produced."""
+    """Each study table in README.md (after `<!-- check:study-NAME -->`) is the one
+    compare_configs.py wrote from results/NAME.json, row for row, so the README cannot show
+    numbers no run produced."""
     import compare_configs as cc
     readme = (HERE / "README.md").read_text(encoding="utf-8")
     found = re.findall(r"<!-- check:study-(\w+) -->", readme)
@@ -179,6 +189,8 @@ def test_study_tables_in_the_readme_are_the_measured_ones():
     for name in found:
         res = cc.Results(HERE / "results", name)
         assert res.rows, f"README shows study {name!r} but results/{name}.json has no rows"
-        expected = [line for line in cc.table(cc.STUDIES[name], res).splitlines() if line.startswith("|")]
-        shown = readme.split(f"<!-- check:study-{name} -->", 1)[1].lstrip("\n").splitlines()[:len(expected)]
+        expected = [line for line in cc.table(cc.STUDIES[name], res).splitlines()
+                    if line.startswith("|")]
+        after = readme.split(f"<!-- check:study-{name} -->", 1)[1]
+        shown = after.lstrip("\n").splitlines()[:len(expected)]
         assert shown == expected, name

@@ -48,7 +48,8 @@ def world(tmp_path_factory, batches_dir, trained_run, make_image_folder, classes
     torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
     torch.save(torch.zeros(3), root / "tensor.pt")
     good = torch.load(w["last"], weights_only=True)
-    torch.save({"model_config": good["model_config"], "model": good["model"]}, root / "weights_only.pt")
+    torch.save({"model_config": good["model_config"], "model": good["model"]},
+               root / "weights_only.pt")
     two = ViTConfig(**{**good["model_config"], "num_classes": 2})
     torch.save({"model_config": two.to_dict(), "model": VisionTransformer(two).state_dict(),
                 "classes": ["airplane", "automobile"]}, root / "two_classes.pt")
@@ -59,7 +60,8 @@ def world(tmp_path_factory, batches_dir, trained_run, make_image_folder, classes
         for k, name in enumerate(("circle", "square")):
             (shapes / split / name).mkdir(parents=True)
             for i in range(4):
-                Image.fromarray(np.full((32, 32, 3), 60 * k + i, np.uint8)).save(shapes / split / name / f"{i}.png")
+                Image.fromarray(np.full((32, 32, 3), 60 * k + i, np.uint8)).save(
+                    shapes / split / name / f"{i}.png")
     w["shapes"] = shapes
     for name, broken in (("empty_train", "train/cat"), ("empty_test", "test/dog")):
         tree = make_image_folder(root / name, 40, 20)
@@ -98,7 +100,8 @@ def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:
 
 
 def fingerprint(folder: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.pt")) if p.is_file()}
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.pt")) if p.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +133,8 @@ CASES = [
     ("train", [*TRAIN, "--randaug-m", "31"], "--randaug-m must be in [0, 30]"),
     ("train", [*TRAIN, "--dropout", "1"], "drop_rate must be in [0, 1)"),
     ("train", [*TRAIN, "--patch-drop", "-0.1"], "patch_drop_rate must be in [0, 1)"),
-    ("train", [*TRAIN, "--time-budget", "-5"], "--time-budget must be 0 (off) or a positive number"),
+    ("train", [*TRAIN, "--time-budget", "-5"],
+     "--time-budget must be 0 (off) or a positive number"),
     ("train", [*TRAIN, "--val-split", "999999"], "--val-split must be in"),
     ("train", [*TRAIN, "--eval-subset", "200"], "--eval-subset must be in [0, 200)"),
     ("train", [*TRAIN, "--model", "vit_giant"], "--model must be one of"),
@@ -153,15 +157,19 @@ CASES = [
     ("train", ["--resume", "{last}", "--epochs", "0"], "--epochs must be at least 1"),
     ("train", ["--resume", "{last}", "--lr", "0"], "--lr must be positive"),
     ("train", ["--resume", "{last}", "--batch-size", "0"], "--batch-size must be at least 1"),
-    ("train", ["--resume", "{last}", "--eval-batch-size", "-1"], "--eval-batch-size must be at least 1"),
+    ("train", ["--resume", "{last}", "--eval-batch-size", "-1"],
+     "--eval-batch-size must be at least 1"),
     ("train", ["--resume", "{last}", "--embed-dim", "64"], "another model config"),
     ("train", ["--resume", "{last}", "--preset", "cpu"], "--preset cannot be combined"),
-    ("train", ["--resume", "{last}", "--data-dir", "{shapes}"], "not the ones the checkpoint was trained on"),
+    ("train", ["--resume", "{last}", "--data-dir", "{shapes}"],
+     "not the ones the checkpoint was trained on"),
     ("train", ["--resume", "{root}/zero.pt"], "cannot read checkpoint ... zero.pt"),
     ("train", ["--resume", "{root}/truncated.pt"], "cannot read checkpoint ... truncated.pt"),
     ("train", ["--resume", "{root}/text.pt"], "cannot read checkpoint ... text.pt"),
-    ("train", ["--resume", "{root}/foreign.pt"], "foreign.pt is not a checkpoint of train_cifar10.py"),
-    ("train", ["--resume", "{root}/tensor.pt"], "tensor.pt is not a checkpoint of train_cifar10.py"),
+    ("train", ["--resume", "{root}/foreign.pt"],
+     "foreign.pt is not a checkpoint of train_cifar10.py"),
+    ("train", ["--resume", "{root}/tensor.pt"],
+     "tensor.pt is not a checkpoint of train_cifar10.py"),
     ("train", ["--resume", "{root}/weights_only.pt"], "no ['config', 'optimizer'"),
     ("train", ["--resume", "{root}/missing.pt"], "no checkpoint at"),
     # evaluation of a checkpoint
@@ -170,25 +178,32 @@ CASES = [
     ("train", ["--eval-only", "{root}/foreign.pt", "--data-dir", "{data}"], "is not a checkpoint"),
     ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--eval-batch-size", "0"],
      "--eval-batch-size must be at least 1"),
-    ("train", ["--eval-only", "{root}/two_classes.pt", "--data-dir", "{data}"], "not the ones the checkpoint"),
+    ("train", ["--eval-only", "{root}/two_classes.pt", "--data-dir", "{data}"],
+     "not the ones the checkpoint"),
     ("train", ["--eval-only", "{best}", "--data-dir", "{shapes}"], "not the ones the checkpoint"),
     # figures
     ("figures", ["--checkpoint", "{root}/zero.pt", "--images", "{img}"], "cannot read checkpoint"),
     ("figures", ["--checkpoint", "{root}/foreign.pt", "--images", "{img}"], "is not a checkpoint"),
     ("figures", ["--checkpoint", "{best}", "--images", "{root}/text.pt"], "cannot read image"),
     ("figures", ["--checkpoint", "{best}", "--images", "{root}/missing.jpg"], "cannot read image"),
-    ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--layers", "7"], "--layers [7] out of range"),
-    ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--num-images", "0"], "--num-images must be at least"),
-    ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--show", "0"], "--show must be at least 1"),
+    ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--layers", "7"],
+     "--layers [7] out of range"),
+    ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--num-images", "0"],
+     "--num-images must be at least"),
+    ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--show", "0"],
+     "--show must be at least 1"),
     ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--out-dir", "{root}/a_file/figs"],
      "cannot create the output folder"),
-    ("figures", ["--npz", "{root}/text.pt", "--images", "{img}"], "cannot read ... as an .npz file"),
-    ("figures", ["--npz", "{root}/other.npz", "--images", "{img}"], "is not a Google ViT checkpoint"),
+    ("figures", ["--npz", "{root}/text.pt", "--images", "{img}"],
+     "cannot read ... as an .npz file"),
+    ("figures", ["--npz", "{root}/other.npz", "--images", "{img}"],
+     "is not a Google ViT checkpoint"),
     ("figures", ["--npz", "{root}/single.npy", "--images", "{img}"], "is a single array"),
 ]
 
 
-@pytest.mark.parametrize("entry, argv, message", CASES, ids=[f"{e}:{' '.join(a[-2:])}" for e, a, _ in CASES])
+@pytest.mark.parametrize("entry, argv, message", CASES,
+                         ids=[f"{e}:{' '.join(a[-2:])}" for e, a, _ in CASES])
 def test_bad_input_is_one_clear_line(world, fast, tmp_path, capsys, entry, argv, message):
     argv = [b for a in argv for b in (fast if a == "{fast}" else
                                       [a.format(**{k: str(v) for k, v in world.items()})])]
@@ -199,41 +214,51 @@ def test_bad_input_is_one_clear_line(world, fast, tmp_path, capsys, entry, argv,
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    assert re.search(".*".join(re.escape(part) for part in message.split(" ... ")), lines[0]), lines[0]
+    assert re.search(".*".join(re.escape(part) for part in message.split(" ... ")),
+                     lines[0]), lines[0]
     assert fingerprint(world["root"]) == before  # no checkpoint was written or changed
 
 
 def test_export_writes_half_precision_weights_and_a_true_card(world, tmp_path, capsys):
     out = tmp_path / "shipped" / "tiny.pt"
-    tc.main(["--eval-only", str(world["best"]), "--data-dir", str(world["data"]), "--export", str(out)])
+    tc.main(["--eval-only", str(world["best"]), "--data-dir", str(world["data"]),
+             "--export", str(out)])
     card = json.loads(out.with_suffix(".json").read_text())
     shipped, full = torch.load(out, weights_only=True), torch.load(world["best"], weights_only=True)
-    assert card["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and card["bytes"] == out.stat().st_size
-    assert set(shipped) == {"model_config", "model", "classes", "normalize", "config"}  # nothing for resuming
+    assert (card["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+            and card["bytes"] == out.stat().st_size)
+    # nothing for resuming
+    assert set(shipped) == {"model_config", "model", "classes", "normalize", "config"}
     assert shipped["model"].keys() == full["model"].keys()
     for k, v in shipped["model"].items():
         assert v.dtype == torch.float16 and torch.equal(v, full["model"][k].half())
     assert card["parameters"] == sum(v.numel() for v in full["model"].values())
     assert card["command"].startswith("python train_cifar10.py") and card["epochs"] == full["epoch"]
     acc = card["test_accuracy"]
-    assert acc["checkpoint_fp32"] == round(100 * full["best_acc"], 2)  # the run's own final evaluation
-    assert abs(acc["shipped_fp16"] - acc["checkpoint_fp32"]) <= 5.0  # a tiny model, a few test images
-    assert [s["file"] for s in card["samples"]] == [f"assets/samples/{f.name}" for f in image_files(BUNDLED_SAMPLES)]
+    # the run's own final evaluation
+    assert acc["checkpoint_fp32"] == round(100 * full["best_acc"], 2)
+    # a tiny model, a few test images
+    assert abs(acc["shipped_fp16"] - acc["checkpoint_fp32"]) <= 5.0
+    assert [s["file"] for s in card["samples"]] == [f"assets/samples/{f.name}"
+                                                    for f in image_files(BUNDLED_SAMPLES)]
     assert f"exported {out}" in capsys.readouterr().out
 
 
 def test_no_checkpoint_and_no_shipped_model_is_one_line(world, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(va, "SHIPPED_MODEL", tmp_path / "gone.pt")
-    code, err = run_cli(va.main, ["--checkpoint-dir", str(world["root"] / "nothing"), "--images", str(world["img"]),
+    code, err = run_cli(va.main, ["--checkpoint-dir", str(world["root"] / "nothing"),
+                                  "--images", str(world["img"]),
                                   "--out-dir", str(tmp_path / "figs")], capsys)
-    assert code == 2 and err.count("\n") == 1 and "no checkpoint found" in err and "no shipped model" in err, err
+    assert (code == 2 and err.count("\n") == 1 and "no checkpoint found" in err
+            and "no shipped model" in err), err
 
 
 def test_decompression_bombs_are_refused_by_name(world, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 400)  # the 40x40 image counts as a bomb
     code, err = run_cli(va.main, ["--checkpoint", str(world["best"]), "--images", str(world["img"]),
                                   "--out-dir", str(tmp_path)], capsys)
-    assert code == 2 and err.count("\n") == 1 and "img.png" in err and "decompression bomb" in err, err
+    assert (code == 2 and err.count("\n") == 1 and "img.png" in err
+            and "decompression bomb" in err), err
 
 
 def test_no_network_for_pretrained_weights_is_one_line(tmp_path, capsys, monkeypatch):
@@ -243,7 +268,8 @@ def test_no_network_for_pretrained_weights_is_one_line(tmp_path, capsys, monkeyp
         raise OSError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
-    code, err = run_cli(va.main, ["--torchvision-weights", "vit_b_16", "--out-dir", str(tmp_path)], capsys)
+    code, err = run_cli(va.main, ["--torchvision-weights", "vit_b_16", "--out-dir", str(tmp_path)],
+                        capsys)
     assert code == 2 and err.count("\n") == 1 and "could not download vit_b_16" in err, err
 
 
@@ -265,7 +291,8 @@ MODEL_CASES = [
                                      vit_cifar("vit_cifar_tiny").state_dict()),
      r"weights are of a model with a \[CLS\] token .*this model uses global average pooling"),
     (lambda: load_state_dict_checked(vit_cifar("vit_cifar_tiny"), [1, 2]), "expected a state dict"),
-    (lambda: vit_cifar("vit_cifar_tiny")(torch.zeros(1, 3, 24, 24)), "expected images of 32x32, got 24x24"),
+    (lambda: vit_cifar("vit_cifar_tiny")(torch.zeros(1, 3, 24, 24)),
+     "expected images of 32x32, got 24x24"),
 ]
 
 
@@ -333,9 +360,11 @@ def test_a_depth_1_model_gets_figures_without_layer_flags(tmp_path):
     torch.save({"model_config": cfg.to_dict(), "model": VisionTransformer(cfg).state_dict()}, path)
     img = tmp_path / "a.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
-    files = va.main(["--checkpoint", str(path), "--images", str(img), "--out-dir", str(tmp_path / "f")])
+    files = va.main(["--checkpoint", str(path), "--images", str(img),
+                     "--out-dir", str(tmp_path / "f")])
     assert all(f.exists() for f in files.values())
-    assert va.default_layers(1) == [0] and va.default_layers(2) == [0, 1] and va.default_layers(6) == [0, 2, 5]
+    assert (va.default_layers(1) == [0] and va.default_layers(2) == [0, 1]
+            and va.default_layers(6) == [0, 2, 5])
 
 
 def test_set_image_size_keeps_training_the_position_embedding():

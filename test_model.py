@@ -494,53 +494,7 @@ def test_pretrained_download_offline_fails_clearly(monkeypatch):
 # `python test_model.py`: structure, shape trace, parameter table
 # ---------------------------------------------------------------------------------------------
 
-def shape_trace(model: VisionTransformer, x: torch.Tensor
-                ) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(key, description, shape) after each stage of one forward pass, read from the real
-    forward."""
-    trace = [("input", "input image", tuple(x.shape))]
-
-    def after(key: str, text: str):
-        return lambda m, i, o: trace.append(
-            (key, text, tuple((o[0] if isinstance(o, tuple) else o).shape)))
-
-    def before(key: str, text: str):
-        return lambda m, i: trace.append((key, text, tuple(i[0].shape)))
-
-    hooks = [model.patch_embed.proj.register_forward_hook(
-                 after("patch_embed.proj", "Conv2d, kernel = stride = P")),
-             model.patch_embed.register_forward_hook(
-                 after("patch_embed", "flatten + transpose (Eq. 1)")),
-             model.blocks[0].register_forward_pre_hook(
-                 before("z0", "+ [CLS], + pos_embed (Eq. 1)"))]
-    hooks += [blk.register_forward_hook(after(f"blocks.{j}", "Eq. 2-3"))
-              for j, blk in enumerate(model.blocks)]
-    hooks += [model.norm.register_forward_hook(after("norm", "final LayerNorm")),
-              model.head.register_forward_pre_hook(
-                  before("pool", f"{model.config.classifier} pooling (Eq. 4)")),
-              model.head.register_forward_hook(after("head", "logits"))]
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return trace
-
-
-def parameter_table() -> list[tuple[str, ViTConfig, int]]:
-    rows = []
-    with torch.device("meta"):
-        for name, model in (("ViT-B/16", vit_base()), ("ViT-L/16", vit_large()),
-                            ("ViT-H/14", vit_huge())):
-            rows.append((name, model.config, n_params(model)))
-    for name in CIFAR_PRESETS:
-        model = vit_cifar(name)
-        rows.append((name, model.config, n_params(model)))
-    return rows
-
-
-def test_shape_trace_of_vit_b16(vit_b16):
+def test_shape_trace_of_vit_b16(vit_b16, shape_trace):
     trace = {key: shape for key, _, shape in shape_trace(vit_b16, torch.randn(1, 3, 224, 224))}
     assert trace["patch_embed.proj"] == (1, 768, 14, 14)
     assert trace["z0"] == (1, 197, 768) and trace["blocks.11"] == (1, 197, 768)
@@ -548,6 +502,8 @@ def test_shape_trace_of_vit_b16(vit_b16):
 
 
 if __name__ == "__main__":
+    from conftest import parameter_table, shape_trace
+
     model = vit_base()
     print("ViT-B/16 structure:\n", model, "\n", sep="")
     print("Shape trace of one forward pass, ViT-B/16, batch 2:")

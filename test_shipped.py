@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import visualize_attention as va
-from checkpoint import SHIPPED_MODEL, card_path, load_checkpoint, load_pretrained_cifar, sha256_of, top_k
+from checkpoint import card_path, load_checkpoint, sha256_of
 from data import BUNDLED_SAMPLES, CIFAR10_CLASSES, image_files, read_image
+from inference import SHIPPED_MODEL, load_pretrained_cifar, top_k
 from vit_model import ViTConfig, model_config
 
 HERE = Path(__file__).resolve().parent
@@ -29,7 +30,8 @@ def test_shipped_file_matches_its_card():
     assert sha256_of(SHIPPED_MODEL) == CARD["sha256"]
     ckpt = load_checkpoint(SHIPPED_MODEL)  # weights_only
     assert ckpt["model_config"] == CARD["model_config"]
-    assert ViTConfig(**ckpt["model_config"]) == model_config("vit_cifar_tiny", classifier="gap", patch_drop_rate=0.6)
+    assert ViTConfig(**ckpt["model_config"]) == model_config("vit_cifar_tiny", classifier="gap",
+                                                             patch_drop_rate=0.6)
     assert all(v.dtype == torch.float16 for v in ckpt["model"].values())
     assert sum(v.numel() for v in ckpt["model"].values()) == CARD["parameters"] == 810_890
     assert ckpt["classes"] == CARD["classes"] == list(CIFAR10_CLASSES)
@@ -61,7 +63,8 @@ def test_predictions_on_the_bundled_photos_match_the_card():
     files = image_files(BUNDLED_SAMPLES)
     assert [f"assets/samples/{f.name}" for f in files] == [s["file"] for s in CARD["samples"]]
     x = torch.stack([read_image(f, 32) for f in files])
-    for top, stated in zip(top_k(model, x, cfg["mean"], cfg["std"], cfg["classes"]), CARD["samples"], strict=True):
+    for top, stated in zip(top_k(model, x, cfg["mean"], cfg["std"], cfg["classes"]),
+                           CARD["samples"], strict=True):
         assert [c for c, _ in top] == [c for c, _ in stated["top3"]], stated["file"]
         assert [p for _, p in top] == pytest.approx([p for _, p in stated["top3"]], abs=1e-3)
     cat = next(s for s in CARD["samples"] if s["label"] == "cat")
@@ -82,8 +85,10 @@ def test_uniform_attention_distance_by_hand():
 
 def test_plot_heads_uses_one_scale_per_colour_bar(tmp_path):
     torch.manual_seed(0)
-    attn = [torch.rand(1, 3, 10, 10).softmax(-1) * s for s in (1.0, 5.0)]  # heads on different scales
-    fig = va.plot_heads(torch.zeros(3, 32, 32, dtype=torch.uint8), attn, [0, 1], 1, 3, tmp_path / "h.png", "test")
+    # heads on different scales
+    attn = [torch.rand(1, 3, 10, 10).softmax(-1) * s for s in (1.0, 5.0)]
+    fig = va.plot_heads(torch.zeros(3, 32, 32, dtype=torch.uint8), attn, [0, 1], 1, 3,
+                        tmp_path / "h.png", "test")
     for row, a in enumerate(attn):
         images = [ax.images[0] for ax in fig.axes[row * 4 + 1: row * 4 + 4]]  # heads of this row
         heads = a[0, :, 0, 1:]  # (h, N): [CLS] -> patch, what each panel shows
@@ -96,8 +101,8 @@ def test_plot_heads_uses_one_scale_per_colour_bar(tmp_path):
 def fresh_clone(dest: Path) -> Path:
     """The files a clone of this repository would have (tracked or not ignored), copied to dest."""
     try:
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=HERE,
-                                capture_output=True, text=True, check=True).stdout.split()
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                                cwd=HERE, capture_output=True, text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("needs git to list the repository's files")
     for name in listed:
@@ -107,6 +112,7 @@ def fresh_clone(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_fresh_clone_offline_draws_every_figure(tmp_path):
     clone = fresh_clone(tmp_path / "clone")
     assert not (clone / "data").exists() and not list((clone / "checkpoints").glob("*/*.pt"))
@@ -114,15 +120,16 @@ def test_fresh_clone_offline_draws_every_figure(tmp_path):
         png.unlink()
     env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
            "PYTHONDONTWRITEBYTECODE": "1"}  # any download attempt fails at once
-    run = subprocess.run([sys.executable, "visualize_attention.py"], cwd=clone, env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([sys.executable, "visualize_attention.py"], cwd=clone, env=env,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "shipped model checkpoints/vit_cifar_tiny_cpu.pt" in run.stdout
     assert "4 bundled sample photos" in run.stdout and "cat: cat" in run.stdout
     pngs = {p.name for p in (clone / "figures").glob("*.png")}
-    assert {"fig7_embedding_filters.png", "fig7_position_similarity.png", "fig7_attention_distance.png",
-            "fig6_attention_rollout.png", "attention_heads.png"} == pngs
-    train = subprocess.run([sys.executable, "train_cifar10.py", "--preset", "cpu", "--no-download"], cwd=clone,
-                           env=env, capture_output=True, text=True, timeout=300)
+    assert {"fig7_embedding_filters.png", "fig7_position_similarity.png",
+            "fig7_attention_distance.png", "fig6_attention_rollout.png",
+            "attention_heads.png"} == pngs
+    train = subprocess.run([sys.executable, "train_cifar10.py", "--preset", "cpu", "--no-download"],
+                           cwd=clone, env=env, capture_output=True, text=True, timeout=300)
     assert train.returncode == 2 and "no CIFAR-10 found" in train.stderr
     assert "visualize_attention.py` needs no data" in train.stderr

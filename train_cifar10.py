@@ -65,6 +65,7 @@ from data import (
     BUNDLED_SAMPLES,
     Augment,
     DataNotFoundError,
+    EvalSet,
     ImageData,
     TrainBatches,
     image_files,
@@ -72,6 +73,7 @@ from data import (
     match_classes,
     normalize,
     read_image,
+    split_data,
 )
 from inference import top_k
 from plots import save_confusion_png, save_curve_png
@@ -385,7 +387,7 @@ def evaluate(model: nn.Module, x_all: Tensor, y_all: Tensor, mean: tuple[float, 
 
 
 # --------------------------------------------------------------------------------------------
-# Data of a run
+# Data and logging of a run
 # --------------------------------------------------------------------------------------------
 
 def load_data(cfg: TrainConfig, ckpt: dict[str, Any] | None, with_train: bool = True,
@@ -402,50 +404,6 @@ def load_data(cfg: TrainConfig, ckpt: dict[str, Any] | None, with_train: bool = 
         raise DataNotFoundError(f"the data has {len(data.classes)} classes {list(data.classes)}, "
                                 f"the checkpoint's model {ckpt['model_config']['num_classes']}")
     return data
-
-
-@dataclass
-class EvalSet:
-    """Evaluation images of this process (uint8, on the device): all of them, and the evenly
-    spaced subset used between epochs (--eval-subset; every class equally often when sorted by
-    class)."""
-
-    name: str  # "test" or "val"
-    size: int  # images over all processes
-    x: Tensor
-    y: Tensor
-    sub_x: Tensor
-    sub_y: Tensor
-    subset: int
-
-
-def split_data(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, world: int
-               ) -> tuple[Tensor, Tensor, EvalSet]:
-    """Training images and the evaluation set: the test set, or --val-split images held out of
-    the training set (a fixed permutation, the same for every seed); then --train-fraction of
-    each class of the rest (another fixed permutation, so a smaller fraction is a subset of a
-    larger one)."""
-    train_x, train_y, eval_x, eval_y = data.train_x, data.train_y, data.test_x, data.test_y
-    if cfg.val_split:
-        if not cfg.val_split < len(train_x):
-            raise ValueError(f"--val-split must be in (0, {len(train_x)}), got {cfg.val_split}")
-        perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1234))
-        eval_x, eval_y = train_x[perm[:cfg.val_split]], train_y[perm[:cfg.val_split]]
-        train_x, train_y = train_x[perm[cfg.val_split:]], train_y[perm[cfg.val_split:]]
-    if cfg.train_fraction < 1:
-        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(4321))
-        by_class = [order[train_y[order] == c] for c in train_y.unique()]
-        keep = torch.cat([idx[:max(1, round(cfg.train_fraction * len(idx)))]
-                          for idx in by_class]).sort().values
-        train_x, train_y = train_x[keep], train_y[keep]
-    n = len(eval_x)
-    if not cfg.eval_subset < n:
-        raise ValueError(f"--eval-subset must be in [0, {n}), got {cfg.eval_subset}")
-    sub = torch.arange(cfg.eval_subset) * n // max(cfg.eval_subset, 1)
-    evals = EvalSet("val" if cfg.val_split else "test", n, eval_x[rank::world].to(device),
-                    eval_y[rank::world].to(device), eval_x[sub][rank::world].to(device),
-                    eval_y[sub][rank::world].to(device), cfg.eval_subset)
-    return train_x.to(device), train_y.to(device), evals
 
 
 def log_epoch(rec: dict[str, Any], evals: EvalSet, schedule: Schedule, wb: SafeWandb) -> None:
@@ -483,7 +441,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | 
 
     data = load_data(cfg, ckpt, loaded=data)
     mean, std = input_normalization(ckpt) if ckpt else (data.mean, data.std)  # travel with weights
-    train_x, train_y, evals = split_data(cfg, data, device, rank, world)
+    train_x, train_y, evals = split_data(data, cfg.val_split, cfg.train_fraction,
+                                         cfg.eval_subset, device, rank, world)
     augment = Augment(len(data.classes), mean, std, cfg.crop_pad, cfg.flip, cfg.randaug_n,
                       cfg.randaug_m, cfg.erase_prob, cfg.label_smoothing, cfg.mixup, cfg.cutmix,
                       cfg.mix_prob)
