@@ -215,15 +215,20 @@ def bench_recipe(args: argparse.Namespace) -> None:
 def _main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (or set VIT_DEBUG=1)")
     sub = p.add_subparsers(dest="what", required=True)
-    m = sub.add_parser("model", help="forward + backward speed: ours vs torchvision")
+    m = sub.add_parser("model", parents=[common],
+                       help="forward + backward speed: ours vs torchvision")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda")
     m.add_argument("--batch-b16", type=int, default=8, help="batch size for ViT-B/16")
     m.add_argument("--batch-cifar", type=int, default=128, help="batch size for the CIFAR preset")
     m.add_argument("--rounds", type=int, default=5,
                    help="interleaved timing rounds (median reported)")
-    d = sub.add_parser("data", help="augmentation speed: ours vs DataLoader + PIL transforms")
+    d = sub.add_parser("data", parents=[common],
+                       help="augmentation speed: ours vs DataLoader + PIL transforms")
     d.add_argument("--data-dir",
                    help="CIFAR-10 (as in train_cifar10.py); random images if not given")
     d.add_argument("--num-images", type=int, default=10000, help="images per timing round")
@@ -231,13 +236,12 @@ def _main(argv: list[str]) -> None:
     d.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
     d.add_argument("--rounds", type=int, default=3,
                    help="interleaved timing rounds (median reported)")
-    r = sub.add_parser("recipe", help="the standard recipe (torchvision ViT + DataLoader), "
-                                      "for equal-time comparisons")
+    r = sub.add_parser("recipe", parents=[common], help="the standard recipe (torchvision ViT + "
+                       "DataLoader), for equal-time comparisons")
     r.add_argument("--data-dir", required=True, help="CIFAR-10 (as in train_cifar10.py)")
     r.add_argument("--minutes", type=float, default=15.0, help="training time")
     r.add_argument("--batch-size", type=int, default=128, help="batch size")
     r.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
     for name in ("batch_b16", "batch_cifar", "rounds", "num_images", "batch_size", "minutes"):
         if getattr(args, name, 1) <= 0:

@@ -1,6 +1,6 @@
 """Checkpoint files: the format of a run's checkpoint and what resuming needs, atomic writes,
 weights-only reads, repair after a crash, and export of a model for inference with its card.
-The figures and the trainer both use this module; it knows nothing of training.
+The figures and the trainer both use this module; it imports nothing of the trainer.
 
 A run's checkpoint (`last.pt`, `best.pt`) is a dict of tensors and plain values:
 - `model_config` (a ViTConfig as a dict, or a ResNetConfig with arch "resnet" for the CNN
@@ -64,7 +64,8 @@ def run_checkpoint(config: dict[str, Any], model_config: dict[str, Any],
                    ) -> dict[str, Any]:
     """A run's checkpoint; `trained` holds model, ema, optimizer and scaler (Learner.state_dict)."""
     return {"config": config, "model_config": model_config, **trained, **dataclasses.asdict(run),
-            "time_budget": schedule, "classes": classes,
+            "time_budget": schedule,  # the Schedule's state, under its first name (older files)
+            "classes": classes,
             "normalize": {"mean": list(mean), "std": list(std)}}
 
 
@@ -221,7 +222,8 @@ def export(ckpt: dict[str, Any], path: Path, measure: Callable[[dict[str, Any]],
            ) -> dict[str, Any]:
     """Write the half-precision weights file and its card PATH.json: what the file is (sha256,
     size, parameters, config, classes, normalisation), then what `measure` found when it read
-    the written file back (accuracies, sample predictions, ...). Returns the card."""
+    the written file back (accuracies, sample predictions, the data's classes, ...). Returns the
+    card."""
     check_writable(path.parent)
     export_weights(ckpt, path)
     shipped = load_checkpoint(path)

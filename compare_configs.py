@@ -52,6 +52,7 @@ from config import (  # noqa: E402
     PLACE,
     PRESETS,
     TrainConfig,
+    as_cnn,
     build_model,
     config_command,
     model_config_of,
@@ -94,11 +95,8 @@ def _data_runs() -> list[Run]:
     for frac in (0.5, 0.25, 0.1):
         runs.append(Run(f"ViT, {frac:.0%}", {"train_fraction": frac}, line="ViT (vit_cifar_tiny)",
                         x=frac))
-    # the CNN: no ViT-only settings (a --set of the ViT's size is undone too)
-    cnn = {"model": "resnet_cifar", "patch_drop": 0.0, "full_token_epochs": 0,
-           **dict.fromkeys(("embed_dim", "depth", "num_heads", "mlp_ratio"))}
-    for frac in (1.0, 0.5, 0.25, 0.1):
-        runs.append(Run(f"ResNet, {frac:.0%}", {**cnn, "train_fraction": frac},
+    for frac in (1.0, 0.5, 0.25, 0.1):  # the CNN: ViT-only settings (and any --set of them) undone
+        runs.append(Run(f"ResNet, {frac:.0%}", {**as_cnn(), "train_fraction": frac},
                         line="ResNet (resnet_cifar)", x=frac))
     return runs
 

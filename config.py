@@ -27,9 +27,10 @@ from vit_model import CIFAR_PRESETS, VisionTransformer, ViTConfig, model_config
 
 CNN = "resnet_cifar"
 MODELS = (*CIFAR_PRESETS, CNN)
-# Settings that exist for the ViT only (Muon too: it takes the blocks' matrices).
-VIT_ONLY = ("patch_drop", "res_schedule", "drop_path", "dropout", "embed_dim", "depth", "num_heads",
-            "mlp_ratio")
+# Settings that exist for the ViT only; the CNN must keep their defaults (and Muon is refused for
+# it: Muon takes the blocks' matrices).
+VIT_ONLY = ("patch_drop", "full_token_epochs", "res_schedule", "drop_path", "dropout", "embed_dim",
+            "depth", "num_heads", "mlp_ratio")
 # Settings that say where things go, not what is trained: not part of a run's identity.
 PLACE = ("data_dir", "download", "out_dir", "run_name", "wandb", "wandb_project", "device",
          "threads")
@@ -157,6 +158,12 @@ def preset(name: str | None = None, **changes: Any) -> TrainConfig:
     cfg = TrainConfig(**{**(PRESETS[name] if name else {}), **changes})
     validate(cfg)
     return cfg
+
+
+def as_cnn() -> dict[str, Any]:
+    """The changes that turn a ViT config into the CNN baseline's: the model, and every ViT-only
+    setting back to its default."""
+    return {"model": CNN, **{name: FIELDS[name].default for name in VIT_ONLY}}
 
 
 def model_config_of(cfg: TrainConfig, num_classes: int) -> ViTConfig | ResNetConfig:

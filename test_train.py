@@ -78,12 +78,9 @@ def test_time_budget_rules_with_a_fake_clock():
     # full-token phase: epochs with dropout took 20 s, so a full-token epoch costs 40 s
     history = [{"epoch_time": 20.0, "patch_drop": 0.5}] * 3
     clock.t = 1000 + 559
-    s.read(60)
-    assert not s.full_tokens(10, history)  # 41 s left
+    assert not s.full_tokens(10, 60, history)  # 41 s left
     clock.t = 1000 + 560
-    assert not s.full_tokens(10, history)  # not read yet: still 41 s left
-    s.read(60)
-    assert s.full_tokens(10, history)  # 40 s left
+    assert s.full_tokens(10, 60, history)  # 40 s left
     assert not s.is_last(10)
     clock.t = 1000 + 600
     s.read(99)
@@ -97,20 +94,20 @@ def test_time_budget_carries_elapsed_time_over_a_resume_and_replans():
                     clock=clock)
     assert s.read(100) == 600.0 and not s.spent  # a 10-minute run resumed with 20 minutes
     assert s.progress(100) == pytest.approx((600 - 60) / (1200 - 60))  # now ends at 20 minutes
-    assert list(s.epochs(7, 100)) == list(range(7, 100))
+    assert list(s.remaining_epochs(7, 100)) == list(range(7, 100))
     spent = tc.Schedule(budget_config(time_budget=10.0), 5, elapsed_s=600.0, clock=clock)
-    assert list(spent.epochs(7, 100)) == []  # resumed with its time spent: nothing to do
+    assert list(spent.remaining_epochs(7, 100)) == []  # resumed with its time spent: nothing to do
     steps = tc.Schedule(budget_config(epochs=30), 10, clock=clock)
     assert steps.progress(10 + 145) == pytest.approx(0.5)  # 290 post-warmup steps in 30 epochs
-    assert not steps.full_tokens(28, []) and steps.full_tokens(29, [])  # the last, by count
+    assert not steps.full_tokens(28, 0, []) and steps.full_tokens(29, 0, [])  # the last, by count
     assert steps.is_last(29) and not steps.is_last(28)
     stopping = tc.Schedule(budget_config(epochs=30, stop_at_epoch=4), 10)
-    assert list(stopping.epochs(1, 10)) == [1, 2, 3]
+    assert list(stopping.remaining_epochs(1, 10)) == [1, 2, 3]
 
 
 def test_the_cpu_preset_ends_within_its_hour_on_a_slow_machine():
     # A slow 2-core machine: 400 img/s with patch dropout (0.32 s a step), 2.5x slower without
-    # it; the clock read every --log-every steps and at each epoch's start, as train() does. The
+    # it; the clock read every --log-every steps and by the full-token rule, as in train(). The
     # budget (57 min) leaves 3 minutes of the hour for start-up and the final evaluation.
     cfg = preset("cpu")
     t_drop = cfg.batch_size / 400
@@ -119,9 +116,8 @@ def test_the_cpu_preset_ends_within_its_hour_on_a_slow_machine():
     steps_per_epoch = 50_000 // cfg.batch_size
     s = tc.Schedule(cfg, steps_per_epoch, clock=clock)
     step, history = 0, []
-    for epoch in s.epochs(0, 0):
-        s.read(step)
-        full = s.full_tokens(epoch, history)
+    for epoch in s.remaining_epochs(0, 0):
+        full = s.full_tokens(epoch, step, history)
         t0 = clock.t
         for i in range(steps_per_epoch):
             lr = s.lr(step)
@@ -321,8 +317,14 @@ def split_and_resume(tiny, tmp_path: Path, **settings) -> tuple[dict, dict]:
 
 @slow
 def test_resume_continues_exactly(tiny, tmp_path):
-    a, b = split_and_resume(tiny, tmp_path, dropout=0.1, mixup=0.8, cutmix=1.0, randaug_n=1)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # every random draw of a step: dropout, stochastic depth, patch dropout, augmentation; and
+    # the EMA and the full-token last epoch, which follow from the plan
+    a, b = split_and_resume(tiny, tmp_path, dropout=0.1, drop_path=0.1, patch_drop=0.5,
+                            full_token_epochs=1, ema=0.9, mixup=0.8, cutmix=1.0, randaug_n=1,
+                            erase_prob=0.25)
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert [h["patch_drop"] for h in b["history"]] == [0.5, 0.0]
     assert a["step"] == b["step"] == 20
     assert [h["eval_acc"] for h in a["history"]] == [h["eval_acc"] for h in b["history"]]
 

@@ -60,6 +60,7 @@ from config import (
     config_from_args,
     model_config_of,
     resolution_stages,
+    validate,
 )
 from data import (
     BUNDLED_SAMPLES,
@@ -158,8 +159,9 @@ class Schedule:
         stages = resolution_stages(self.cfg.res_schedule)
         return next((size for size, until in stages if self.progress(step) < until), full)
 
-    def full_tokens(self, epoch: int, history: list[dict[str, Any]]) -> bool:
-        """Whether this epoch (0-based) trains without patch dropout, at the last clock reading."""
+    def full_tokens(self, epoch: int, step: int, history: list[dict[str, Any]]) -> bool:
+        """Whether this epoch (0-based) trains without patch dropout; by time, it reads the
+        clock."""
         cfg = self.cfg
         if not self.budget_s:
             return epoch >= cfg.epochs - cfg.full_token_epochs
@@ -170,11 +172,11 @@ class Schedule:
         if not dropped:
             return False
         full_epoch_s = statistics.mean(dropped) / (1 - cfg.patch_drop)
-        return self.budget_s - self.elapsed_s <= cfg.full_token_epochs * full_epoch_s
+        return self.budget_s - self.read(step) <= cfg.full_token_epochs * full_epoch_s
 
-    def epochs(self, done: int, step: int) -> range:
+    def remaining_epochs(self, done: int, step: int) -> range:
         """The epochs (0-based) this run trains: from `done` to --epochs (or --stop-at-epoch);
-        none when a resumed run's time is already spent."""
+        none when a resumed run's time is already spent (by time, it reads the clock)."""
         last = min(self.cfg.epochs, self.cfg.stop_at_epoch or self.cfg.epochs)
         if self.budget_s and self.read(step) >= self.budget_s:
             last = done
@@ -432,11 +434,14 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | 
     """A training run of `cfg`; with `resume` (a last.pt or run folder), the continuation of that
     run, `cfg` being its saved config with any changes (config.config_from_args); `data` skips
     loading --data-dir (a caller running many runs on the same data, like compare_configs.py)."""
+    validate(cfg)
     ckpt = load_checkpoint(resume, required=RESUME_KEYS) if resume else None
     if ckpt:
         check_same_model(cfg, ckpt["model_config"])
     device, rank, world = setup_device(cfg.device, cfg.threads)
-    torch.manual_seed(cfg.seed + rank)  # the initial weights (each batch reseeds, TrainBatches)
+    # The initial weights, the same in every process (the EMA is copied from them before DDP
+    # would broadcast rank 0's); every batch then reseeds per process (data.TrainBatches).
+    torch.manual_seed(cfg.seed)
     is_main = rank == 0
 
     data = load_data(cfg, ckpt, loaded=data)
@@ -477,10 +482,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | 
 
     stop = StopFlag()
     try:
-        for epoch in schedule.epochs(run.epoch, run.step):
-            if cfg.patch_drop:
-                schedule.read(run.step)
-                full = schedule.full_tokens(epoch, run.history)
+        for epoch in schedule.remaining_epochs(run.epoch, run.step):
+            if cfg.patch_drop:  # a ViT setting (config.VIT_ONLY)
+                full = schedule.full_tokens(epoch, run.step, run.history)
                 learner.model.patch_drop_rate = 0.0 if full else cfg.patch_drop
             rec, run.step = train_epoch(learner, batches, schedule, epoch, run.step, stop, wb.log,
                                         is_main)
@@ -566,7 +570,8 @@ def evaluate_checkpoint(cfg: TrainConfig, path: str | Path, export_to: str | Non
                         "label": f.name.split("_")[0], "top3": [[c, round(p, 4)] for c, p in top]}
                        for f, top in zip(files, tops, strict=True)]
         jpeg = "JPEG copy, " if (Path(cfg.data_dir) / "test").is_dir() else ""
-        return {"command": config_command(ckpt.get("config") or {}), "epochs": ckpt.get("epoch"),
+        return {"classes": list(data.classes),
+                "command": config_command(ckpt.get("config") or {}), "epochs": ckpt.get("epoch"),
                 "data": f"CIFAR-10 ({jpeg}{len(data.test_y):,} test images)",
                 "test_accuracy": {"checkpoint_fp32": round(100 * fp32, 2),
                                   "shipped_fp16": round(100 * plain, 2),
