@@ -247,6 +247,8 @@ def _main(argv: list[str]) -> None:
         if getattr(args, name, 1) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, "
                              f"got {getattr(args, name)}")
+    if getattr(args, "workers", 0) < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     torch.manual_seed(0)
     {"model": bench_model, "data": bench_data, "recipe": bench_recipe}[args.what](args)
 

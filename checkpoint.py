@@ -17,6 +17,7 @@ An exported file holds only the inference part, in half precision, with a JSON c
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -74,10 +75,17 @@ def run_checkpoint(config: dict[str, Any], model_config: dict[str, Any],
 # --------------------------------------------------------------------------------------------
 
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint,
+    and a failed write (a full disk) removes its temporary file and leaves `path` as it was."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = " ".join(str(e).split()) or type(e).__name__
+        kept = "its previous version is unchanged" if path.exists() else "nothing was written"
+        raise CheckpointError(f"cannot write {path} ({reason}); {kept}") from e
 
 
 def save_run(state: dict[str, Any], run_dir: Path, is_best: bool) -> None:
@@ -114,11 +122,13 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
-                    required: tuple[str, ...] = ("model_config", "model"), mmap: bool = False
-                    ) -> dict[str, Any]:
+                    required: tuple[str, ...] = ("model_config", "model"), mmap: bool = False,
+                    check_card: bool = True) -> dict[str, Any]:
     """Load a checkpoint with weights_only (no code runs from the file), checking that it is one
-    of ours: a dict with the `required` entries. Anything else is a CheckpointError naming the
-    file. mmap: tensors are read from the file when used (a quick look at the settings)."""
+    of ours: a dict with the `required` entries; a file with a card beside it (an exported
+    model, the shipped one included) must match the card's sha256. Anything else is a
+    CheckpointError naming the file. mmap: tensors are read from the file when used (a quick look
+    at the settings)."""
     p = resolve_checkpoint_path(path)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
@@ -128,10 +138,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                               f"{type(e).__name__}: {first}") from e
     missing = [k for k in required if not (isinstance(ckpt, dict) and k in ckpt)]
     if missing:
-        keys = f" with keys {sorted(ckpt)[:8]}" if isinstance(ckpt, dict) else ""
+        keys = f" with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else ""
         raise CheckpointError(f"{p} is not a checkpoint of train_cifar10.py: it has no {missing} "
                               f"(found {type(ckpt).__name__}{keys})")
+    norm = ckpt.get("normalize")
+    if not isinstance(ckpt.get("model_config", {}), dict) or not (norm is None or (
+            isinstance(norm, dict) and all(_numbers(norm.get(k)) for k in ("mean", "std")))):
+        raise CheckpointError(f"{p} is damaged: its model_config must be a dict and its "
+                              f"normalize a dict of 'mean' and 'std' lists of numbers")
+    if check_card and card_path(p).is_file():
+        verify_card(p)
     return ckpt
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(v, (int, float)) for v in value)
 
 
 def repair_best(run_dir: Path, ckpt: dict[str, Any]) -> None:
@@ -150,12 +172,51 @@ def repair_best(run_dir: Path, ckpt: dict[str, Any]) -> None:
               f"been interrupted)", file=sys.stderr)
 
 
-def prepare_run_dir(run_dir: Path, resumed: dict[str, Any] | None) -> None:
-    """Before the first step: the run folder is writable, and a resumed run's best.pt is
-    repaired if a crash interrupted its write."""
+def new_run_dir(out_dir: str | Path, run_name: str, default: str) -> Path:
+    """The folder of a new run: OUT_DIR/RUN_NAME, or OUT_DIR/DEFAULT (then DEFAULT-2, -3, ...,
+    created here, so that two runs started in the same second never share a folder)."""
+    if run_name:
+        return Path(out_dir) / run_name
+    check_writable(Path(out_dir))
+    for n in range(1, 1000):
+        folder = Path(out_dir) / (default if n == 1 else f"{default}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise ValueError(f"no free run folder {default}-N in {out_dir}; pass --run-name")
+
+
+def open_run_dir(run_dir: Path, resumed: dict[str, Any] | None, overwrite: bool = False
+                 ) -> IO[str]:
+    """Before the first step: the run folder is writable and held by this process alone (a lock
+    on RUN/.lock, released when the process ends, however it ends); a new run refuses a folder
+    that holds an earlier run's checkpoints (unless `overwrite`, which removes them first); a
+    resumed run's best.pt is repaired if a crash interrupted its write. Returns the lock: keep it
+    open while the run writes."""
     check_writable(run_dir, ("last.pt", "best.pt"))
+    lock = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ValueError(f"{run_dir} is in use by another training process (it holds "
+                         f"{run_dir / '.lock'}); wait for it to end or choose another "
+                         f"--run-name") from None
+    saved = [run_dir / name for name in ("last.pt", "best.pt") if (run_dir / name).exists()]
+    if resumed is None and saved:
+        if not overwrite:
+            lock.close()
+            resume = run_dir / "last.pt" if (run_dir / "last.pt").exists() else saved[0]
+            raise ValueError(f"{run_dir} already holds a run ({', '.join(p.name for p in saved)})"
+                             f"; continue it with `python train_cifar10.py --resume {resume}`, "
+                             f"choose another --run-name, or pass --overwrite to replace it")
+        for path in saved:
+            path.unlink()
     if resumed is not None:
         repair_best(run_dir, resumed)
+    return lock
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +227,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> nn.Modu
     """Rebuild the model a checkpoint describes and load its (EMA, if present) weights."""
     try:
         model = build_model(ckpt["model_config"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointError(f"the checkpoint's model_config does not describe a model: "
                               f"{e}") from e
     state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
@@ -205,6 +266,27 @@ def card_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
+def read_card(weights: str | Path) -> dict[str, Any]:
+    """The card of an exported weights file, or a CheckpointError that names the card."""
+    card = card_path(weights)
+    try:
+        data = json.loads(card.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"cannot read the model card {card}: {e}") from e
+    if not (isinstance(data, dict) and isinstance(data.get("sha256"), str)):
+        raise CheckpointError(f"{card} is not a model card: it has no sha256 of {card.stem}.pt")
+    return data
+
+
+def verify_card(weights: str | Path) -> dict[str, Any]:
+    """The card of `weights`, checked: the file must have the sha256 the card states."""
+    card = read_card(weights)
+    if sha256_of(weights) != card["sha256"]:
+        raise CheckpointError(f"{weights} does not match the sha256 in {card_path(weights).name}: "
+                              f"the file was changed or damaged")
+    return card
+
+
 def export_weights(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """Write what inference needs, nothing for resuming: the (EMA, if present) weights in half
     precision, the model config, classes, normalisation and the training config. Returns the
@@ -218,15 +300,37 @@ def export_weights(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
     return out
 
 
-def export(ckpt: dict[str, Any], path: Path, measure: Callable[[dict[str, Any]], dict[str, Any]]
-           ) -> dict[str, Any]:
+def check_export_path(path: Path, overwrite: bool = False) -> None:
+    """An export may write a new file, or replace an earlier export if `overwrite`; never a
+    training run's checkpoint, a folder, or a place that cannot be written."""
+    check_writable(path.parent)
+    for target in (path, card_path(path)):
+        if target.is_dir():
+            raise ValueError(f"--export {path}: {target} is a folder")
+    if path.is_file():
+        try:
+            is_run = "optimizer" in torch.load(path, map_location="cpu", weights_only=True,
+                                               mmap=True)
+        except Exception:  # not a checkpoint at all: an ordinary file, --overwrite decides
+            is_run = False
+        if is_run:
+            raise ValueError(f"--export {path} is a training run's checkpoint: export writes a "
+                             f"new file for inference; choose another path")
+    if not overwrite and (path.exists() or card_path(path).exists()):
+        raise ValueError(f"--export {path}: {path if path.exists() else card_path(path)} exists; "
+                         f"choose another path or pass --overwrite to replace it")
+
+
+def export(ckpt: dict[str, Any], path: Path, measure: Callable[[dict[str, Any]], dict[str, Any]],
+           overwrite: bool = False) -> dict[str, Any]:
     """Write the half-precision weights file and its card PATH.json: what the file is (sha256,
     size, parameters, config, classes, normalisation), then what `measure` found when it read
     the written file back (accuracies, sample predictions, the data's classes, ...). Returns the
-    card."""
-    check_writable(path.parent)
+    card. It never writes onto a run's checkpoint, and onto an earlier export only if
+    `overwrite`."""
+    check_export_path(path, overwrite)
     export_weights(ckpt, path)
-    shipped = load_checkpoint(path)
+    shipped = load_checkpoint(path, check_card=False)
     facts = measure(shipped)
     card = {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
             "dtype": "float16", "parameters": sum(v.numel() for v in shipped["model"].values()),

@@ -32,8 +32,8 @@ MODELS = (*CIFAR_PRESETS, CNN)
 VIT_ONLY = ("patch_drop", "full_token_epochs", "res_schedule", "drop_path", "dropout", "embed_dim",
             "depth", "num_heads", "mlp_ratio")
 # Settings that say where things go, not what is trained: not part of a run's identity.
-PLACE = ("data_dir", "download", "out_dir", "run_name", "wandb", "wandb_project", "device",
-         "threads")
+PLACE = ("data_dir", "download", "out_dir", "run_name", "overwrite", "wandb", "wandb_project",
+         "device", "threads")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -115,7 +115,10 @@ class TrainConfig:
                         "--eval-subset ones between epochs (test-time augmentation; twice the cost "
                         "of a full evaluation)")
     out_dir: str = _f("checkpoints", "checkpoints go to OUT_DIR/RUN_NAME/{last,best}.pt")
-    run_name: str = _f("", "run folder name (default: MODEL-TIMESTAMP)")
+    run_name: str = _f("", "run folder name (default: MODEL-TIMESTAMP, never one that exists)")
+    overwrite: bool = _f(False, "let a new run replace the checkpoints of an earlier run of the "
+                         "same --run-name, and --export replace an exported file (never a run's "
+                         "checkpoint)")
     wandb: str = _f("offline", "Weights & Biases mode: 'offline', 'online' or 'off'")
     wandb_project: str = _f("vit_from_scratch", "W&B project name")
     # speed and reproducibility
@@ -212,6 +215,7 @@ def validate(cfg: TrainConfig) -> None:
             "min_lr", "muon_lr")),
         ("muon_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
         ("lr", lambda v: v > 0, "positive"),
+        ("seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
         ("mlp_ratio", lambda v: v is None or v > 0, "positive"),
         ("time_budget", lambda v: v >= 0, "0 (off) or a positive number of minutes"),
         ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -223,9 +227,12 @@ def validate(cfg: TrainConfig) -> None:
     ]
     for name, ok, rule in rules:
         value = getattr(cfg, name)
-        if not (isinstance(value, (int, float, type(None))) and math.isfinite(value or 0)
-                and ok(value)):
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not (isinstance(value, (int, float, type(None))) and finite and ok(value)):
             raise ValueError(f"{flag(name)} must be {rule}, got {value}")
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"--min-lr must not exceed --lr (the decay goes from --lr down to "
+                         f"--min-lr), got {cfg.min_lr} > {cfg.lr}")
     if cfg.model == CNN:
         default = TrainConfig()
         used = [n for n in VIT_ONLY if getattr(cfg, n) != getattr(default, n)]
@@ -293,6 +300,11 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
     if args.preset:
         raise ValueError("--preset cannot be combined with --resume or --eval-only: the run keeps "
                          "its own settings")
+    moved = [flag(k) for k in ("out_dir", "run_name") if k in given]
+    if moved:
+        raise ValueError(f"{' and '.join(moved)} cannot be given with --resume or --eval-only: "
+                         f"a run continues in its own folder, and --eval-only writes beside the "
+                         f"checkpoint")
     kept = {k: v for k, v in saved.items() if k in FIELDS}
     cfg = TrainConfig(**{**kept, "stop_at_epoch": 0, **given})
     validate(cfg)

@@ -7,19 +7,17 @@ top-k classes of images or logits.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from checkpoint import (
-    CheckpointError,
     card_path,
     input_normalization,
     load_checkpoint,
     model_from_checkpoint,
-    sha256_of,
+    read_card,
 )
 from data import normalize
 
@@ -30,24 +28,19 @@ SHIPPED_MODEL = Path(__file__).resolve().parent / "checkpoints" / "vit_cifar_tin
 def load_pretrained_cifar(path: str | Path = SHIPPED_MODEL, check_hash: bool = True) -> nn.Module:
     """The shipped CIFAR-10 model, in eval mode. It expects images scaled to [0, 1] and
     normalised with model.pretrained_cfg's mean and std (data.normalize does both for uint8
-    images). With check_hash the file must match its card's sha256."""
+    images). With check_hash the file must have a card and match its sha256."""
     path = Path(path)
-    card_file = card_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model at {path} (the repository ships one as "
                                 f"checkpoints/{SHIPPED_MODEL.name})")
-    card = json.loads(card_file.read_text()) if card_file.is_file() else None
-    if check_hash:
-        if card is None:
-            raise FileNotFoundError(f"no card {card_file} next to {path} to check its sha256 "
-                                    f"against")
-        if sha256_of(path) != card["sha256"]:
-            raise CheckpointError(f"{path} does not match the sha256 in {card_file.name}: the "
-                                  f"file was changed or damaged")
-    ckpt = load_checkpoint(path)
+    if check_hash and not card_path(path).is_file():
+        raise FileNotFoundError(f"no card {card_path(path)} next to {path} to check its sha256 "
+                                f"against")
+    card = read_card(path) if card_path(path).is_file() else None
+    ckpt = load_checkpoint(path, check_card=check_hash)
     model = model_from_checkpoint(ckpt).eval()
     mean, std = input_normalization(ckpt)
-    model.pretrained_cfg = {"classes": list(ckpt["classes"]), "mean": mean, "std": std,
+    model.pretrained_cfg = {"classes": list(ckpt.get("classes") or []), "mean": mean, "std": std,
                             "card": card}
     return model
 

@@ -18,9 +18,10 @@ from vit_model import DownloadError
 
 T = TypeVar("T")
 
-# What a user can cause and mend: a bad flag, a missing file or data set, no network, a run that
-# diverged. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, DataNotFoundError, DownloadError, FloatingPointError)
+# What a user can cause and mend: a bad flag, a missing or unwritable file or folder, a full disk,
+# a missing data set, no network, a run that diverged. Anything else is a bug and keeps its
+# traceback.
+USER_ERRORS = (ValueError, OSError, DataNotFoundError, DownloadError, FloatingPointError)
 
 
 def run_cli(main: Callable[[list[str]], T], argv: list[str] | None = None,
@@ -30,6 +31,9 @@ def run_cli(main: Callable[[list[str]], T], argv: list[str] | None = None,
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return main(argv)
+    except BrokenPipeError:  # `... | head`: the reader has gone, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
     except USER_ERRORS as e:
         if "--debug" in argv or os.environ.get("VIT_DEBUG"):
             raise
@@ -102,8 +106,12 @@ class SafeWandb:
         try:
             import wandb
 
+            if mode == "online":  # a slow or missing network would otherwise look like a hang
+                print("connecting to W&B online (at most 30 s; --wandb offline needs no network)",
+                      file=sys.stderr)
             self.run = wandb.init(project=project, name=name, dir=folder, mode=mode, id=run_id,
-                                  resume="allow", config=config)
+                                  resume="allow", config=config,
+                                  settings=wandb.Settings(init_timeout=30))
         except Exception as e:
             print(f"warning: W&B disabled, init failed: {e}", file=sys.stderr)
 

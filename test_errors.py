@@ -16,11 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmark
 import checkpoint
 import train_cifar10 as tc
 import visualize_attention as va
+from checkpoint import card_path
 from config import TrainConfig
 from data import BUNDLED_SAMPLES, DataNotFoundError, image_files, load_dataset, read_image
+from inference import SHIPPED_MODEL
 from vit_model import (
     VisionTransformer,
     ViTConfig,
@@ -85,6 +88,23 @@ def world(tmp_path_factory, batches_dir, trained_run, make_image_folder, classes
     w["img"] = img
     np.savez(root / "other.npz", a=np.zeros(3))
     np.save(root / "single.npy", np.zeros(3))
+    # damaged checkpoints: a model_config that is no dict, a normalize that is no mean/std
+    torch.save({"model_config": "vit_cifar_tiny", "model": good["model"]}, root / "bad_config.pt")
+    torch.save({**good, "normalize": {"mean": "grey"}}, root / "bad_norm.pt")
+    # an exported model with its card: intact, with a flipped bit, with a broken or foreign card
+    for name in ("shipped", "flipped", "badcard", "listcard"):
+        shutil.copy(SHIPPED_MODEL, root / f"{name}.pt")
+        shutil.copy(card_path(SHIPPED_MODEL), root / f"{name}.json")
+    blob = bytearray((root / "flipped.pt").read_bytes())
+    blob[len(blob) // 2] ^= 1
+    (root / "flipped.pt").write_bytes(bytes(blob))
+    (root / "badcard.json").write_text('{"sha256": ')
+    (root / "listcard.json").write_text("[1, 2]")
+    # a folder where a file should go: the confusion matrix, a figure
+    (root / "runs" / "pngdir").mkdir()
+    shutil.copy(w["best"], root / "runs" / "pngdir" / "best.pt")
+    (root / "runs" / "pngdir" / "confusion_matrix.png").mkdir()
+    (root / "figs_blocked" / "fig7_embedding_filters.png").mkdir(parents=True)
     return w
 
 
@@ -199,6 +219,50 @@ CASES = [
     ("figures", ["--npz", "{root}/other.npz", "--images", "{img}"],
      "is not a Google ViT checkpoint"),
     ("figures", ["--npz", "{root}/single.npy", "--images", "{img}"], "is a single array"),
+    # training: settings that contradict each other, numbers out of range
+    ("train", [*TRAIN, "--min-lr", "0.1", "--lr", "0.01"], "--min-lr must not exceed --lr"),
+    ("train", [*TRAIN, "--seed", "-1"], "--seed must be in [0, 2^32)"),
+    ("train", [*TRAIN, "--seed", "123456789012345678901234567890"], "--seed must be in [0, 2^32)"),
+    # a saved run is never replaced or moved by a new command
+    ("train", ["{fast}", "--data-dir", "{data}", "--out-dir", "{root}/runs", "--run-name", "good"],
+     "already holds a run ... --resume ... --overwrite"),
+    ("train", ["--resume", "{last}", "--out-dir", "{root}/elsewhere"],
+     "--out-dir cannot be given with --resume"),
+    ("train", ["--resume", "{last}", "--run-name", "other"], "--run-name cannot be given"),
+    ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export", "{last}"],
+     "is a training run's checkpoint"),
+    ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export", "{best}"],
+     "is a training run's checkpoint"),
+    ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export", "{root}/shipped.pt"],
+     "shipped.pt exists; ... --overwrite"),
+    ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export", "{root}/runs"],
+     "is a folder"),
+    # damaged files: checkpoints, model cards, a folder where a file goes
+    ("train", ["--eval-only", "{root}/bad_config.pt", "--data-dir", "{data}"],
+     "bad_config.pt is damaged"),
+    ("train", ["--eval-only", "{root}/bad_norm.pt", "--data-dir", "{data}"],
+     "bad_norm.pt is damaged"),
+    ("train", ["--eval-only", "{root}/flipped.pt", "--data-dir", "{data}"],
+     "does not match the sha256 in flipped.json"),
+    ("train", ["--eval-only", "{root}/runs/pngdir/best.pt", "--data-dir", "{data}"],
+     "confusion_matrix.png"),
+    ("figures", ["--checkpoint", "{root}/bad_norm.pt", "--images", "{img}"], "is damaged"),
+    ("figures", ["--checkpoint", "{root}/flipped.pt", "--images", "{img}"],
+     "does not match the sha256"),
+    ("figures", ["--checkpoint", "{root}/badcard.pt", "--images", "{img}"],
+     "cannot read the model card ... badcard.json"),
+    ("figures", ["--checkpoint", "{root}/listcard.pt", "--images", "{img}"],
+     "listcard.json is not a model card"),
+    ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--out-dir", "{root}/figs_blocked"],
+     "fig7_embedding_filters.png"),
+    # benchmark.py
+    ("bench", ["model", "--rounds", "0"], "--rounds must be positive"),
+    ("bench", ["model", "--batch-cifar", "-1"], "--batch-cifar must be positive"),
+    ("bench", ["data", "--batch-size", "0"], "--batch-size must be positive"),
+    ("bench", ["data", "--workers", "-1"], "--workers must be 0 or more"),
+    ("bench", ["data", "--data-dir", "{root}/nothing"], "no CIFAR-10 found"),
+    ("bench", ["recipe", "--data-dir", "{data}", "--minutes", "0"], "--minutes must be positive"),
+    ("bench", ["recipe", "--data-dir", "{root}/nothing"], "no CIFAR-10 found"),
 ]
 
 
@@ -210,7 +274,8 @@ def test_bad_input_is_one_clear_line(world, fast, tmp_path, capsys, entry, argv,
     if "--out-dir" not in argv and entry == "figures":
         argv += ["--out-dir", str(tmp_path / "figs")]
     before = fingerprint(world["root"])
-    code, err = run_cli(tc.main if entry == "train" else va.main, argv, capsys)
+    code, err = run_cli({"train": tc.main, "figures": va.main, "bench": benchmark.main}[entry],
+                        argv, capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
@@ -444,3 +509,94 @@ def test_epoch_2_of_the_crash_run_is_a_new_best(tiny):
     # the crash test above relies on a second save of best.pt, in epoch 2
     accs = [h["eval_acc"] for h in tc.train(three_epochs(tiny))["history"]]
     assert accs[1] > accs[0], accs
+
+
+# ---------------------------------------------------------------------------------------------
+# A saved run is never destroyed: existing folders, two processes, a full disk, export targets
+# ---------------------------------------------------------------------------------------------
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tiny, tmp_path, monkeypatch,
+                                                               capsys):
+    tc.train(tiny(epochs=2, run_name="full", stop_at_epoch=1))
+    before = (tmp_path / "full" / "last.pt").read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills up
+        Path(f).write_bytes(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs "
+                           "8192: file write failed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    code, err = run_cli(tc.main, ["--resume", str(tmp_path / "full" / "last.pt")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "file write failed" in err, err
+    assert "last.pt" in err and "its previous version is unchanged" in err
+    assert (tmp_path / "full" / "last.pt").read_bytes() == before  # epoch 1, resumable
+    assert not list((tmp_path / "full").glob("*.tmp"))
+
+
+def test_two_processes_cannot_write_one_run(tiny, tmp_path, capsys):
+    import fcntl
+
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    with open(folder / ".lock", "w") as held:  # another training process holds the run
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="in use by another training process"):
+            tc.train(tiny(run_name="busy"))
+    assert not (folder / "last.pt").exists()
+    tc.train(tiny(run_name="busy"))  # released (as when that process ends, however it ends)
+    assert (folder / "last.pt").exists()
+
+
+def test_default_run_names_never_collide(tmp_path):
+    a = checkpoint.new_run_dir(tmp_path, "", "vit_cifar_tiny-20261202-120000")
+    b = checkpoint.new_run_dir(tmp_path, "", "vit_cifar_tiny-20261202-120000")
+    assert a != b and a.is_dir() and b.is_dir() and b.name.endswith("-2")
+
+
+def test_overwrite_replaces_a_run_only_when_asked(trained_run, tiny, tmp_path):
+    shutil.copytree(trained_run, tmp_path / "again")
+    before = (tmp_path / "again" / "last.pt").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run"):
+        tc.train(tiny(run_name="again"))
+    assert (tmp_path / "again" / "last.pt").read_bytes() == before
+    tc.train(tiny(run_name="again", overwrite=True, seed=1))
+    assert (tmp_path / "again" / "last.pt").read_bytes() != before
+
+
+def test_an_interrupt_in_the_first_epoch_says_nothing_was_saved(tiny, tmp_path, monkeypatch,
+                                                                capsys):
+    def interrupted(self, x, target, lr):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc.Learner, "step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        tc.train(tiny(run_name="early"))
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "nothing was saved" in err and "--resume" not in err
+
+
+def test_a_resumed_run_records_the_folder_it_is_in(trained_run, tmp_path):
+    moved = tmp_path / "moved" / "run"
+    shutil.copytree(trained_run, moved)
+    tc.main(["--resume", str(moved / "last.pt"), "--epochs", "2"])
+    config = torch.load(moved / "last.pt", weights_only=True)["config"]
+    assert (config["out_dir"], config["run_name"]) == (str(moved.parent), "run")
+
+
+def test_figures_refuse_a_damaged_shipped_model(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(va, "SHIPPED_MODEL", world["root"] / "flipped.pt")
+    code, err = run_cli(va.main, ["--checkpoint-dir", str(tmp_path / "none"), "--images",
+                                  str(world["img"]), "--out-dir", str(tmp_path / "f")], capsys)
+    assert code == 2 and "does not match the sha256 in flipped.json" in err, err
+    assert not (tmp_path / "f").exists() or not list((tmp_path / "f").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_a_closed_pipe_ends_quietly(repo, world):
+    import subprocess
+    import sys
+
+    cmd = (f"{sys.executable} visualize_attention.py --images {world['img']} --out-dir "
+           f"{world['root'] / 'pipe_figs'} | head -1")
+    proc = subprocess.run(cmd, shell=True, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.startswith("model: ") and "Traceback" not in proc.stderr, proc.stderr

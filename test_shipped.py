@@ -116,8 +116,7 @@ def fresh_clone(dest: Path) -> Path:
 def test_fresh_clone_offline_draws_every_figure(tmp_path):
     clone = fresh_clone(tmp_path / "clone")
     assert not (clone / "data").exists() and not list((clone / "checkpoints").glob("*/*.pt"))
-    for png in (clone / "figures").glob("*.png"):
-        png.unlink()
+    committed = {p.name: p.read_bytes() for p in (clone / "figures").glob("*.png")}
     env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
            "PYTHONDONTWRITEBYTECODE": "1"}  # any download attempt fails at once
     run = subprocess.run([sys.executable, "visualize_attention.py"], cwd=clone, env=env,
@@ -125,10 +124,12 @@ def test_fresh_clone_offline_draws_every_figure(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "shipped model checkpoints/vit_cifar_tiny_cpu.pt" in run.stdout
     assert "4 bundled sample photos" in run.stdout and "cat: cat" in run.stdout
-    pngs = {p.name for p in (clone / "figures").glob("*.png")}
+    pngs = {p.name for p in (clone / "outputs" / "figures").glob("*.png")}
     assert {"fig7_embedding_filters.png", "fig7_position_similarity.png",
             "fig7_attention_distance.png", "fig6_attention_rollout.png",
             "attention_heads.png"} == pngs
+    # the guide's own figures are untouched: the quick start writes to the untracked outputs/
+    assert {p.name: p.read_bytes() for p in (clone / "figures").glob("*.png")} == committed
     train = subprocess.run([sys.executable, "train_cifar10.py", "--preset", "cpu", "--no-download"],
                            cwd=clone, env=env, capture_output=True, text=True, timeout=300)
     assert train.returncode == 2 and "no CIFAR-10 found" in train.stderr

@@ -460,11 +460,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | 
     if ckpt:
         learner.load_state_dict(ckpt)
         run_dir = resolve_checkpoint_path(resume).parent
+        cfg = cfg.replace(out_dir=str(run_dir.parent), run_name=run_dir.name)  # where it is now
     else:
-        name = cfg.run_name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(cfg.out_dir) / name
-    if is_main:
-        checkpoint.prepare_run_dir(run_dir, ckpt)
+        default = f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = (checkpoint.new_run_dir(cfg.out_dir, cfg.run_name, default) if is_main
+                   else Path(cfg.out_dir) / (cfg.run_name or default))
+    # rank 0 holds the run folder (and alone writes in it) until the run ends
+    held = checkpoint.open_run_dir(run_dir, ckpt, cfg.overwrite) if is_main else None
     schedule = Schedule(cfg, len(batches),
                         elapsed_s=run.history[-1]["elapsed_min"] * 60 if run.history else 0.0,
                         warmup_end_s=(ckpt or {}).get("time_budget", {}).get("warmup_end_s"))
@@ -511,13 +513,17 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | 
                 break
     except KeyboardInterrupt:
         if is_main:
-            print(f"interrupted; {run_dir / 'last.pt'} holds the {run.epoch} finished epochs, "
-                  f"continue with: python train_cifar10.py --resume {run_dir / 'last.pt'}",
-                  file=sys.stderr)
+            last = run_dir / "last.pt"
+            print(f"interrupted; {last} holds the {run.epoch} finished epochs, continue with: "
+                  f"python train_cifar10.py --resume {last}" if run.epoch else
+                  f"interrupted in the first epoch: nothing was saved in {run_dir}; start the "
+                  f"run again", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         stop.restore()
         wb.finish()
+        if held:
+            held.close()
     if is_main and run.history:
         save_curve_png(run.history, run_dir / "accuracy_curve.png",
                        f"{cfg.model}, {n_params / 1e6:.2f}M params: best {evals.name} "
@@ -537,6 +543,8 @@ def evaluate_checkpoint(cfg: TrainConfig, path: str | Path, export_to: str | Non
     """--eval-only: accuracy, per-class accuracy and a confusion-matrix PNG beside the file;
     --export: also the half-precision weights file and its card."""
     ckpt = load_checkpoint(path)
+    if export_to:
+        checkpoint.check_export_path(Path(export_to), cfg.overwrite)  # before any work
     device, _, _ = setup_device(cfg.device, cfg.threads)
     model = model_from_checkpoint(ckpt).to(device)
     data = load_data(cfg, ckpt, with_train=False)
@@ -578,7 +586,7 @@ def evaluate_checkpoint(cfg: TrainConfig, path: str | Path, export_to: str | Non
                                   "shipped_fp16_flip_tta": round(100 * flip, 2)},
                 "samples": samples}
 
-    card = checkpoint.export(ckpt, Path(export_to), measure)
+    card = checkpoint.export(ckpt, Path(export_to), measure, cfg.overwrite)
     acc = card["test_accuracy"]
     print(f"exported {export_to} ({card['bytes']:,} bytes, sha256 {card['sha256'][:12]}...): test "
           f"accuracy {acc['shipped_fp16']:.2f}% in half precision ({acc['checkpoint_fp32']:.2f}% "

@@ -6,6 +6,9 @@ per-head attention maps, from the model's own attention output (no hooks).
     python visualize_attention.py --checkpoint checkpoints/RUN/best.pt --data-dir /tmp/cifar10
     python visualize_attention.py --torchvision-weights vit_b_16 --images cat.jpg dog.png
     python visualize_attention.py --npz ViT-B_16.npz --images cat.jpg
+    python visualize_attention.py --out-dir figures    # regenerate the guide's figures/
+
+The PNG files go to outputs/figures/ (not tracked by git) unless --out-dir says otherwise.
 
 The computations (rollout, mean attention distance, position-embedding similarity, filter PCA) are
 plain tensor functions, separate from the plotting below them.
@@ -418,7 +421,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                          "(default: first, middle, last)")
     p.add_argument("--num-pcs", type=int, default=28,
                    help="principal components of the filters to show")
-    p.add_argument("--out-dir", default="figures", help="where the PNG files go")
+    p.add_argument("--out-dir", default="outputs/figures", help="where the PNG files go (the "
+                   "guide's own figures/ are regenerated with --out-dir figures)")
     p.add_argument("--wandb", default="off", choices=("off", "offline", "online"),
                    help="also log the figures to a W&B run")
     p.add_argument("--seed", type=int, default=0, help="which test images are drawn")
