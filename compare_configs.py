@@ -19,19 +19,28 @@ from machines of clearly different speed are refused in one table), --epochs E t
 epochs. Each study keeps its rows in OUT/STUDY.json, one per finished run (config, accuracies,
 time, images/s, parameters, FLOPs, machine); rerunning the command skips finished rows, reuses an
 identical run another study has already done (the baseline), and continues an interrupted run from
-its last.pt. The table goes to OUT/STUDY.md (and the terminal), the plot to FIG_DIR/study_STUDY.png.
-Run checkpoints go to checkpoints/compare/STUDY/.
+its last.pt. Several commands may run at once into one OUT: each row is added under a lock. The
+table goes to OUT/STUDY.md (and the terminal), the plot to FIG_DIR/study_STUDY.png, run
+checkpoints to CHECKPOINT_DIR/STUDY/.
+
+Outputs: by default OUT is outputs/results and FIG_DIR outputs/figures (not tracked by git), and
+the checkpoints go to checkpoints/compare. The tables and plots of the guide (README.md, section
+10), committed in results/ and figures/, are regenerated with `--out results --fig-dir figures`.
+--set changes any other setting of the baseline: the seeds, the budget and where files go are
+set by the study and by the flags below.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +75,15 @@ from vit_model import ViTConfig, estimate_flops  # noqa: E402
 BASE: dict[str, Any] = {**PRESETS["cpu"], "optimizer": "adamw", "tta_flip": False,
                         "val_split": 5000, "wandb": "off"}  # plain accuracy: no flip averaging
 SAME_MACHINE = 1.25  # reference speeds further apart than this ratio are different machines
+# Settings each study sets itself, which --set may not change, and what to use instead.
+STUDY_SETS = {
+    "seed": "seeds are part of each study (the baseline runs with seeds 0 and 1; see --list)",
+    "epochs": "give the budget of every run with --epochs E or --budget-min M",
+    "time_budget": "give the budget of every run with --budget-min M or --epochs E",
+    "data_dir": "use --data-dir", "download": "use --download",
+    "out_dir": "use --checkpoint-dir (runs go to CHECKPOINT_DIR/STUDY/)",
+    "run_name": "runs are named by their study and config (CHECKPOINT_DIR/STUDY/STUDY-KEY)",
+}
 
 
 @dataclass
@@ -155,28 +173,74 @@ def model_cost(cfg: TrainConfig, num_classes: int) -> tuple[int, float]:
     return params, counter.get_total_flops() / 1e6
 
 
+# What the tables, the plots and the reuse of runs read from a row, with its type.
+NUMBER = (int, float)
+ROW_TYPES = {"study": str, "label": str, "seed": int, "baseline": bool, "line": str, "x": NUMBER,
+             "key": str, "config": dict, "val_acc": NUMBER, "test_acc": NUMBER, "epochs": int,
+             "minutes": NUMBER, "images_per_sec": NUMBER, "params": int, "mflops": NUMBER,
+             "machine": dict}
+MACHINE_TYPES = {"cpu": str, "ref_img_s": NUMBER}
+CONFIG_TYPES = {"time_budget": NUMBER, "epochs": int}
+
+
+def wrong_keys(d: Any, types: dict[str, Any]) -> list[str]:
+    """The keys of `types` that d lacks or holds with another type."""
+    return [k for k, t in types.items() if not (isinstance(d, dict) and isinstance(d.get(k), t))]
+
+
+def rows_problem(data: Any) -> str:
+    """What is wrong with the content of a results file ('' when nothing is)."""
+    if not (isinstance(data, dict) and isinstance(data.get("rows"), list)):
+        return 'it is not {"study": ..., "rows": [...]}'
+    for i, row in enumerate(data["rows"], 1):
+        bad = (wrong_keys(row, ROW_TYPES)
+               or [f"machine.{k}" for k in wrong_keys(row["machine"], MACHINE_TYPES)]
+               or [f"config.{k}" for k in wrong_keys(row["config"], CONFIG_TYPES)])
+        if bad:
+            return f"row {i} has no valid {', '.join(map(repr, bad))}"
+    return ""
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file (none if there is no file), checked; a file that is not one is
+    left as it is, with a ValueError that names it."""
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        problem = rows_problem(data)
+    except ValueError as e:  # invalid JSON, or not text at all (UnicodeDecodeError)
+        problem = f"it is not JSON ({e})"
+    if problem:
+        raise ValueError(f"{path} is not a results file of compare_configs.py: {problem}. It was "
+                         f"left as it is: mend it, or move it away to run the study again")
+    return data["rows"]
+
+
 class Results:
-    """OUT/STUDY.json: {"study", "rows": [...]}, written whole after every finished run."""
+    """OUT/STUDY.json: {"study", "rows": [...]}, one row per finished run. Several processes may
+    add rows to one file at once (two commands sharing an --out): each add takes a lock, re-reads
+    the file, appends and replaces the file whole, so that no process drops another's rows."""
 
     def __init__(self, out: Path, study: str) -> None:
         self.path = out / f"{study}.json"
-        self.rows: list[dict[str, Any]] = []
-        if self.path.is_file():
-            try:
-                self.rows = json.loads(self.path.read_text())["rows"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.path} is not a results file of compare_configs.py ({e}); "
-                                 f"move it away to start the study again") from e
+        self.lock_path = out / f".{study}.json.lock"
+        self.rows = read_rows(self.path)
 
     def find(self, key: str) -> dict[str, Any] | None:
         return next((r for r in self.rows if r["key"] == key), None)
 
     def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"study": self.path.stem, "rows": self.rows}, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        with open(self.lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the others; closing the file releases it
+            self.rows = read_rows(self.path)  # with the rows other processes added meanwhile
+            if not any(r["key"] == row["key"] and r["label"] == row["label"] for r in self.rows):
+                self.rows.append(row)  # (unless another process just added the same run)
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"study": self.path.stem, "rows": self.rows}, indent=1)
+                           + "\n")
+            os.replace(tmp, self.path)  # readers see the old file or the new one, never half
 
 
 def check_machine(rows: list[dict[str, Any]], ref: float, where: str) -> None:
@@ -189,6 +253,19 @@ def check_machine(rows: list[dict[str, Any]], ref: float, where: str) -> None:
                 f"on the reference (`python benchmark.py model`); this one measures {ref:.0f} "
                 f"img/s. Their accuracies at equal time would not compare: use another --out "
                 f"folder, or --epochs")
+
+
+def check_folder(folder: Path, option: str) -> None:
+    """Create an output folder and write a file in it now, so that a bad one fails before the
+    first run rather than after it."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option} {folder} is a file, not a folder: give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{option} {folder}: cannot write there ({e.strerror or e}); give a "
+                         f"folder you can write to") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,9 +312,15 @@ def run_studies(args: argparse.Namespace) -> None:
               else {"time_budget": 0.0, "epochs": args.epochs})
     base = {**BASE, **args.set}
     out = Path(args.out)
+    configs = {(name, i): run_config(r, budget, base)
+               for name in args.study for i, r in enumerate(STUDIES[name].runs)}
+    # everything that could fail after a run has trained fails now instead
+    for option, folder in (("--out", out), ("--fig-dir", args.fig_dir),
+                           ("--checkpoint-dir", args.checkpoint_dir)):
+        check_folder(Path(folder), option)
     plans = [(STUDIES[name], Results(out, name)) for name in args.study]
-    configs = {(s.name, i): run_config(r, budget, base)
-               for s, _ in plans for i, r in enumerate(s.runs)}
+    for path in sorted(out.glob("*.json")):  # the other studies' rows, reused below
+        read_rows(path)
     todo = [(s, res, i) for s, res in plans for i, _ in enumerate(s.runs)
             if res.find(run_key(configs[s.name, i])) is None]
     ref = reference_speed()
@@ -257,9 +340,9 @@ def run_studies(args: argparse.Namespace) -> None:
             for s, res, i in todo:
                 run, cfg = s.runs[i], configs[s.name, i]
                 key = run_key(cfg)
-                done = [r for _, other in plans for r in other.rows if r["key"] == key]
-                done += [r for p in out.glob("*.json") if p.stem not in args.study
-                         for r in Results(out, p.stem).rows if r["key"] == key]
+                # read now: another process may have finished the run meanwhile
+                done = [r for p in sorted(out.glob("*.json")) for r in read_rows(p)
+                        if r["key"] == key]
                 if args.budget_min:
                     done = [r for r in done
                             if max(r["machine"]["ref_img_s"] / ref, ref / r["machine"]["ref_img_s"])
@@ -407,10 +490,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="download CIFAR-10 when --data-dir holds none (default: off)")
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="change the baseline of every run, e.g. --set batch_size=256 "
-                        "model=vit_cifar_small")
-    p.add_argument("--out", default="results",
-                   help="folder of the results files STUDY.json and tables STUDY.md")
-    p.add_argument("--fig-dir", default="figures", help="folder of the plots study_STUDY.png")
+                        "model=vit_cifar_small (not the seeds, the budget or where files go: "
+                        "the study and the flags here set those)")
+    p.add_argument("--out", default="outputs/results",
+                   help="folder of the results files STUDY.json and tables STUDY.md (default: "
+                        "outputs/results; the guide's own tables: --out results)")
+    p.add_argument("--fig-dir", default="outputs/figures",
+                   help="folder of the plots study_STUDY.png (default: outputs/figures; the "
+                        "guide's own plots: --fig-dir figures)")
     p.add_argument("--checkpoint-dir", default="checkpoints/compare",
                    help="run checkpoints go to DIR/STUDY/")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -442,6 +529,9 @@ def _main(argv: list[str]) -> None:
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
     args.set = parse_settings(args.set)
+    for name in args.set:
+        if name in STUDY_SETS:
+            raise ValueError(f"--set {name}: the study sets it; {STUDY_SETS[name]}")
     run_studies(args)
 
 

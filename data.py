@@ -63,14 +63,52 @@ class DataNotFoundError(RuntimeError):
     pass
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch file, refusing every global but numpy's array reconstruction:
+    a plain pickle.load would run any function a crafted file names (os.system, ...)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"),  # as numpy 1 (and Python 2) names it
+               ("numpy._core.multiarray", "_reconstruct"),  # numpy 2
+               # what numpy writes with pickle protocol 5 (Python 3.14's default)
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR-10 batch "
+                                         "holds (refused: unpickling it could run code)")
+        return super().find_class(module, name)
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One file of cifar-10-batches-py: a pickled dict with 'data', uint8 (N, 3072), and 'labels',
+    N integers in 0..9. Anything else is refused with an error naming the file."""
+    if not path.is_file():
+        raise DataNotFoundError(f"{path} is missing: cifar-10-batches-py holds data_batch_1 to "
+                                "data_batch_5 and test_batch")
+    try:
+        with open(path, "rb") as f:
+            d = _BatchUnpickler(f, encoding="latin1").load()
+        if isinstance(d, dict):  # str keys, or bytes (a Python 2 pickle read as bytes)
+            d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+        for key in ("data", "labels"):
+            if not isinstance(d, dict) or key not in d:
+                raise ValueError(f"no '{key}' entry")
+        x, y = np.asarray(d["data"]), np.asarray(d["labels"])
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"'data' is {x.dtype} {x.shape}, not uint8 (N, 3072)")
+        if y.shape != (len(x),) or y.dtype.kind not in "iu" or not ((y >= 0) & (y < 10)).all():
+            raise ValueError(f"'labels' must be {len(x)} integers in 0..9, one per image, "
+                             f"found {y.dtype} {y.shape}")
+    except Exception as e:  # a damaged pickle fails in many ways (EOFError, UnpicklingError, ...)
+        raise ValueError(f"{path} is not a CIFAR-10 batch (a pickled dict of uint8 'data' and "
+                         f"'labels'): {str(e) or type(e).__name__}") from e
+    return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
+
+
 def _load_batches_py(folder: Path) -> ImageData:
     def read(names: list[str]) -> tuple[Tensor, Tensor]:
-        xs, ys = [], []
-        for name in names:
-            with open(folder / name, "rb") as f:
-                d = pickle.load(f, encoding="latin1")
-            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d["labels"], dtype=np.int64))
+        xs, ys = zip(*(_read_batch(folder / name) for name in names), strict=True)
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
     train_x, train_y = read([f"data_batch_{i}" for i in range(1, 6)])
@@ -621,6 +659,6 @@ class TrainBatches:
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         for step, idx in enumerate(self.indices(epoch).to(self.x.device)):
-            torch.manual_seed(((self.seed * 10_007 + self.rank) * 100_003 + epoch) * 1_000_003
-                              + step)
+            key = ((self.seed * 10_007 + self.rank) * 100_003 + epoch) * 1_000_003 + step
+            torch.manual_seed(key % 2**63)  # in range for every --seed in [0, 2^32)
             yield self.augment(self.x[idx], self.y[idx])

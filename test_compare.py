@@ -322,3 +322,179 @@ def test_list_names_every_study_and_run(capsys):
     for s in cc.STUDIES.values():
         assert out.count(f"{s.name}: ") == 1
         assert all(r.label in out for r in s.runs)
+
+
+# --------------------------------------------------------------------------------------------
+# The results files and the output folders (runs "trained" at once by fake_training)
+# --------------------------------------------------------------------------------------------
+
+def fake_row(study: str, run: cc.Run, cfg: TrainConfig, machine: dict) -> dict:
+    """A row as make_row writes it, with made-up numbers."""
+    return {"study": study, "label": run.label, "seed": run.seed, "baseline": run.baseline,
+            "line": run.line, "x": run.x, "key": cc.run_key(cfg),
+            "config": dataclasses.asdict(cfg), "command": "python train_cifar10.py",
+            "val_acc": 50.0 + run.seed, "test_acc": 49.0, "epochs": cfg.epochs, "minutes": 0.1,
+            "images_per_sec": 100.0, "train_images": 400, "params": 1000, "mflops": 1.0,
+            "machine": machine, "date": "2025-01-01", "run_dir": ""}
+
+
+@pytest.fixture
+def fake_training(monkeypatch, fast_machine) -> list[tuple[str, str, int]]:
+    """Runs that finish at once with a made-up row; the list of (study, label, seed) trained."""
+    trained: list[tuple[str, str, int]] = []
+
+    def train_run(study, run, cfg, args, data):
+        trained.append((study, run.label, run.seed))
+        return Path(args.checkpoint_dir) / study / f"{study}-{cc.run_key(cfg)}"
+
+    monkeypatch.setattr(cc, "train_run", train_run)
+    monkeypatch.setattr(cc, "make_row", lambda study, run, cfg, run_dir, data, machine:
+                        fake_row(study, run, cfg, machine))
+    return trained
+
+
+def a_row(label: str, lr: float = 1e-3) -> dict:
+    run = cc.Run(label, {"lr": lr})
+    return fake_row("s", run, cc.run_config(run, BUDGET, cc.BASE),
+                    {"cpu": "test CPU", "ref_img_s": 400.0, "torch": "2"})
+
+
+def test_two_writers_of_one_results_file_keep_every_row(tmp_path):
+    """Before: no s.json. Two Results objects on it (two processes running studies into one
+    --out) add rows in turn. After: s.json holds all three rows (unlocked whole-file writes kept
+    only the last writer's own rows)."""
+    a, b = cc.Results(tmp_path, "s"), cc.Results(tmp_path, "s")
+    a.add(a_row("a1", 1e-3))
+    b.add(a_row("b1", 2e-3))
+    a.add(a_row("a2", 3e-3))
+    on_disk = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r["label"] for r in on_disk] == ["a1", "b1", "a2"]
+    assert [r["label"] for r in cc.Results(tmp_path, "s").rows] == ["a1", "b1", "a2"]
+
+
+def _add_rows(folder: str, who: str, n: int) -> None:
+    res = cc.Results(Path(folder), "s")
+    for i in range(n):
+        res.add(a_row(f"{who}{i}", 1e-3 * (1 + i) + (0.5e-4 if who == "b" else 0)))
+
+
+@slow
+def test_two_processes_adding_rows_at_once_lose_none(tmp_path):
+    """Before: no s.json. Two processes add 40 rows each to it at the same time. After: s.json
+    holds all 80 rows, each once."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_add_rows, args=(str(tmp_path), who, 40)) for who in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    labels = [r["label"] for r in json.loads((tmp_path / "s.json").read_text())["rows"]]
+    assert sorted(labels) == sorted(f"{who}{i}" for who in "ab" for i in range(40))
+
+
+def _good_file() -> dict:
+    return {"study": "two", "rows": [a_row("base")]}
+
+
+def _without(key: str, inner: str = "") -> str:
+    data = _good_file()
+    del (data["rows"][0][inner] if inner else data["rows"][0])[key]
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("content", [
+    "{not json", b"\xff\xfe binary", "[]", '{"study": "two"}', '{"study": "two", "rows": 3}',
+    '{"study": "two", "rows": [3]}', _without("key"), _without("machine"),
+    _without("ref_img_s", "machine"), _without("val_acc"), _without("time_budget", "config"),
+    json.dumps({"study": "two", "rows": [{**a_row("base"), "val_acc": "high"}]}),
+])
+@pytest.mark.parametrize("whose", ["two", "other"])
+def test_a_broken_results_file_is_refused_before_training_and_left_as_it_is(
+        data_dir, tmp_path, monkeypatch, fake_training, capsys, content, whose):
+    """Before: res/WHOSE.json is broken (the study's own file, or another study's whose rows
+    could be reused). After: one line `error:` naming the file and what to do, nothing trained,
+    the file byte for byte as it was."""
+    tiny_study(monkeypatch, "two", cc.baseline("base"))
+    path = tmp_path / "res" / f"{whose}.json"
+    path.parent.mkdir()
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        compare(tmp_path, data_dir, "--study", "two", "--epochs", "1")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert str(path) in err and "move it away" in err
+    assert fake_training == [] and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("setting, flag", [
+    ("seed=5", "seeds are part of each study"), ("epochs=7", "--epochs"),
+    ("time_budget=3", "--budget-min"), ("time-budget=3", "--budget-min"),
+    ("data_dir=/tmp/x", "--data-dir"), ("download=true", "--download"),
+    ("out_dir=/tmp/x", "--checkpoint-dir"), ("run_name=x", "named by their study"),
+])
+def test_settings_the_study_controls_are_refused_in_set(data_dir, tmp_path, monkeypatch,
+                                                        fake_training, capsys, setting, flag):
+    """Before: no res/. `--set` of a setting the study sets itself (it was silently overridden or
+    ignored). After: one line `error: --set NAME: ...` naming the right flag, nothing trained, no
+    res/ folder."""
+    tiny_study(monkeypatch, "two", cc.baseline("base"))
+    with pytest.raises(SystemExit) as e:
+        compare(tmp_path, data_dir, "--study", "two", "--epochs", "1", "--set", setting)
+    err = capsys.readouterr().err
+    name = setting.split("=")[0].replace("-", "_")
+    assert e.value.code == 2 and err.startswith(f"error: --set {name}: ") and flag in err
+    assert fake_training == [] and not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("option", ["--out", "--fig-dir", "--checkpoint-dir"])
+@pytest.mark.parametrize("where", ["file", "file/below"])
+def test_an_output_folder_that_cannot_be_written_fails_before_the_first_run(
+        data_dir, tmp_path, monkeypatch, fake_training, capsys, option, where):
+    """Before: tmp/file is a file. OPTION points at it (or below it). After: one line `error:`
+    naming the option, nothing trained, no results file written, tmp/file unchanged."""
+    tiny_study(monkeypatch, "two", cc.baseline("base"))
+    (tmp_path / "file").write_text("a file\n")
+    with pytest.raises(SystemExit) as e:
+        compare(tmp_path, data_dir, "--study", "two", "--epochs", "1",
+                option, str(tmp_path / where))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {option} ") and err.count("\n") == 1
+    assert fake_training == [] and not (tmp_path / "res" / "two.json").exists()
+    assert (tmp_path / "file").read_text() == "a file\n"
+
+
+def test_default_outputs_leave_the_committed_results_and_figures_alone(
+        data_dir, tmp_path, monkeypatch, fake_training):
+    """Before: results/two.json, results/two.md and figures/study_two.png as committed in the
+    repository (here in a copy of its layout). A study run with the default --out and --fig-dir.
+    After: those three files byte for byte as they were; the run's rows, table and plot in
+    outputs/results/ and outputs/figures/."""
+    tiny_study(monkeypatch, "two", cc.baseline("base"))
+    monkeypatch.chdir(tmp_path)
+    committed = {Path("results/two.json"): json.dumps(_good_file()).encode(),
+                 Path("results/two.md"): b"the guide's table\n",
+                 Path("figures/study_two.png"): b"the guide's plot"}
+    for path, content in committed.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+    cc.main(["--study", "two", "--epochs", "1", "--data-dir", str(data_dir),
+             "--checkpoint-dir", "ck", "--set", *SMALL])
+    assert {p: p.read_bytes() for p in committed} == committed
+    assert fake_training == [("two", "base", 0), ("two", "base", 1)]
+    assert len(json.loads(Path("outputs/results/two.json").read_text())["rows"]) == 2
+    assert Path("outputs/results/two.md").is_file()
+    assert Path("outputs/figures/study_two.png").is_file()
+    args = cc.parse_args(["--study", "two", "--epochs", "1"])
+    assert (args.out, args.fig_dir) == ("outputs/results", "outputs/figures")
+    assert "--out results --fig-dir figures" in " ".join(cc.__doc__.split())
+
+
+def test_the_committed_results_files_stay_readable(repo):
+    """Before and after: results/*.json as committed; each reads as rows of its study."""
+    for path in sorted((repo / "results").glob("*.json")):
+        res = cc.Results(repo / "results", path.stem)
+        assert res.rows and {r["study"] for r in res.rows} == {path.stem}
+        assert cc.table(cc.STUDIES[path.stem], res).startswith(f"### {path.stem}")

@@ -3,6 +3,13 @@ hand-built cases, and the batches' order, on small data sets the tests make them
 
 from __future__ import annotations
 
+import io
+import os
+import pickle
+import re
+import struct
+
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +42,119 @@ def test_missing_data_offline_names_both_options(tmp_path):
     with pytest.raises(DataNotFoundError,
                        match="cifar-10-batches-py.*ImageFolder tree with 'train/' and 'test/'"):
         load_dataset(tmp_path, download=False)
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes and str as Python 2's str, as in the real CIFAR-10 files (protocol 2)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj: bytes | str) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data if len(data) < 256
+                   else pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = save_py2_str
+
+
+def test_python2_batches_as_cifar10_ships_them_load(tmp_path, batches_dir):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for f in (batches_dir / "cifar-10-batches-py").iterdir():
+        with open(f, "rb") as src, open(folder / f.name, "wb") as dst:
+            d = pickle.load(src)
+            out = io.BytesIO()
+            _Py2Pickler(out, protocol=2).dump({b"batch_label": b"x", b"labels": d["labels"],
+                                               b"data": d["data"]})
+            # Python 2's numpy named its array reconstruction numpy.core.multiarray._reconstruct
+            dst.write(out.getvalue().replace(b"numpy._core.", b"numpy.core."))
+    a, b = load_dataset(tmp_path, download=False), load_dataset(batches_dir, download=False)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.train_y, b.train_y)
+    assert torch.equal(a.test_x, b.test_x) and torch.equal(a.test_y, b.test_y)
+
+
+class _Payload:
+    """Unpickling this runs a shell command, as a crafted data_batch_1 could."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_a_batch_file_cannot_run_code(tmp_path, make_batches):
+    root = make_batches(tmp_path / "data")
+    marker = tmp_path / "pwned"
+    path = root / "cifar-10-batches-py" / "data_batch_1"
+    data = np.zeros((100, 3072), np.uint8)
+    path.write_bytes(pickle.dumps({"data": data, "labels": [0] * 100, "x": _Payload(marker)}))
+    with pytest.raises(ValueError, match=f"{path}.*{os.system.__module__}.system"):
+        load_dataset(root, download=False)
+    assert not marker.exists()
+
+
+def _bad_batches() -> dict[str, tuple[object, str]]:
+    """name: (contents of data_batch_1, as bytes or a dict to pickle; expected message)."""
+    x = np.zeros((100, 3072), np.uint8)
+    y = [0] * 100
+    nan = np.full((100, 3072), np.nan)
+    good = pickle.dumps({"data": x, "labels": y})
+    return {
+        "no data": ({"labels": y}, "no 'data'"),
+        "no labels": ({"data": x}, "no 'labels'"),
+        "not a dict": ([x, y], "no 'data'"),
+        "truncated": (good[: len(good) // 2], "truncated|Ran out of input"),
+        "empty": (b"", "Ran out of input"),
+        "not a pickle": (b"hello, not a pickle", "not a CIFAR-10 batch"),
+        "wrong shape": ({"data": x[:, :3000], "labels": y}, r"uint8 \(N, 3072\)"),
+        "4-d data": ({"data": x.reshape(100, 3, 32, 32), "labels": y}, r"\(N, 3072\)"),
+        "float data": ({"data": nan, "labels": y}, "float64"),
+        "label 10": ({"data": x, "labels": [10] * 100}, r"0\.\.9"),
+        "label -1": ({"data": x, "labels": [-1] * 100}, r"0\.\.9"),
+        "float labels": ({"data": x, "labels": [0.5] * 100}, r"0\.\.9"),
+        "fewer labels": ({"data": x, "labels": y[:99]}, r"100 integers.*\(99,\)"),
+        "ragged labels": ({"data": x, "labels": [0, [1, 2]] * 50}, "not a CIFAR-10 batch"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_batches()))
+def test_a_malformed_batch_file_is_one_error_naming_it(tmp_path, make_batches, case):
+    contents, message = _bad_batches()[case]
+    root = make_batches(tmp_path / "data")
+    path = root / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(contents if isinstance(contents, bytes) else pickle.dumps(contents))
+    with pytest.raises((ValueError, DataNotFoundError)) as info:
+        load_dataset(root, download=False)
+    assert str(path) in str(info.value)
+    assert re.search(message, str(info.value)), str(info.value)
+
+
+def test_a_missing_batch_file_is_named(tmp_path, make_batches):
+    root = make_batches(tmp_path / "data")
+    (root / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataNotFoundError, match="data_batch_3 is missing"):
+        load_dataset(root, download=False)
+
+
+@pytest.mark.parametrize("script", ["train", "benchmark"])
+def test_scripts_report_a_bad_batch_file_in_one_line(tmp_path, make_batches, fast, capsys,
+                                                     script):
+    import benchmark
+    import train_cifar10
+
+    root = make_batches(tmp_path / "data")
+    path = root / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(pickle.dumps({"data": np.zeros((10, 3072)), "labels": [0] * 10}))
+    with pytest.raises(SystemExit) as info:
+        if script == "train":
+            train_cifar10.main([*fast, "--data-dir", str(root), "--out-dir", str(tmp_path)])
+        else:
+            benchmark.main(["data", "--data-dir", str(root)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(path) in err, err
 
 
 def test_crop_and_flip_are_drawn_per_sample():
@@ -227,3 +347,10 @@ def test_batches_give_each_sample_once_with_disjoint_shards():
     assert not torch.equal(shards[0].indices(0), shards[0].indices(1))  # a new order each epoch
     with pytest.raises(ValueError, match="not divisible by 3 processes"):
         TrainBatches(x, y, bs, lambda a, b: (a, b), world=3)
+
+
+def test_every_allowed_seed_draws_batches():
+    x, y = torch.zeros(20, 3, 4, 4, dtype=torch.uint8), torch.arange(20)
+    for seed in (0, 2**32 - 1):  # the range config.validate allows for --seed
+        batches = TrainBatches(x, y, 10, lambda a, b: (a, b), seed=seed)
+        assert [len(b) for _, b in batches.epoch(12_345)] == [10, 10]

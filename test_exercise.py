@@ -1,8 +1,12 @@
 """The exercise checker: the reference passes, the skeleton fails cleanly, and each common mistake,
-written as a small mutated implementation, is caught at the right module with the right hint."""
+written as a small mutated implementation, is caught at the right module with the right hint.
+Hostile code (NaN, another dtype, exits, endless loops, KeyboardInterrupt) is a reported failure:
+the student's file runs in a separate process with a time limit."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -140,3 +144,85 @@ class MLP(torch.nn.Module):
     *_, failed = ce.check(renamed)
     assert failed.name == "MLP" and "缺少参数 ['fc1.bias', 'fc1.weight'" in failed.message
     assert ce.check(tmp_path / "missing.py")[0].message.startswith("无法导入")
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile code: every way out of the student's file is a failure the parent reports
+# --------------------------------------------------------------------------------------------
+
+MLP_RETURNS = """\
+class MLP(MLP):
+    def forward(self, x):
+        {body}
+"""
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_non_finite_output_fails_with_a_hint(tmp_path, capsys, value):
+    path = write(tmp_path, value, MLP_RETURNS.format(
+        body=f"return super().forward(x) * float('{value}')"))
+    *passed, failed = ce.check(path)
+    assert all(r.ok for r in passed) and failed.name == "MLP" and not failed.ok
+    assert "NaN 或 inf" in failed.message and failed.hint
+    assert ce.main([str(path)]) == 1
+    assert "全部 5 个模块" not in capsys.readouterr().out
+
+
+def test_a_float64_output_is_a_failure_not_a_traceback(tmp_path):
+    right = write(tmp_path, "double", MLP_RETURNS.format(body="return super().forward(x).double()"))
+    *_, failed = ce.check(right)
+    assert failed.name == "MLP" and not failed.ok and "torch.float64" in failed.message
+    wrong = write(tmp_path, "relu_double", MLP_RETURNS.format(
+        body="return self.fc2(F.relu(self.fc1(x))).double()"))
+    *_, failed = ce.check(wrong)
+    assert failed.name == "MLP" and failed.mistakes == ["relu"]  # the known mistake still found
+
+
+@pytest.mark.parametrize("where, code, step, says", [
+    ("module", "import sys\nsys.exit(0)", "import", "sys.exit"),
+    ("module", "exit()", "import", "sys.exit"),
+    ("module", "raise KeyboardInterrupt", "import", "KeyboardInterrupt"),
+    ("forward", "import sys; sys.exit(0)", "MLP", "sys.exit"),
+    ("forward", "raise KeyboardInterrupt", "MLP", "KeyboardInterrupt"),
+], ids=["sys.exit", "exit()", "KeyboardInterrupt", "sys.exit-in-forward",
+        "KeyboardInterrupt-in-forward"])
+def test_exits_and_base_exceptions_are_reported_failures(tmp_path, where, code, step, says):
+    body = (MLP_RETURNS.format(body=code) if where == "forward"
+            else code + "\n\n\n" + MLP_RETURNS.format(body="return super().forward(x)"))
+    *_, failed = ce.check(write(tmp_path, "leaves", body))
+    assert failed.name == step and not failed.ok and says in failed.message, failed
+
+
+@pytest.mark.slow
+def test_an_endless_loop_times_out(tmp_path, capsys):
+    in_forward = write(tmp_path, "loop", MLP_RETURNS.format(body="while True: pass"))
+    assert ce.main([str(in_forward), "--timeout", "1.5"]) == 1
+    out = capsys.readouterr().out
+    assert "✗ MLP" in out and "1.5 秒" in out and "3/5 个模块通过" in out
+    at_import = write(tmp_path, "loop_import", "while True:\n    pass\n")
+    [failed] = ce.check(at_import, timeout=1.5)
+    assert failed.name == "import" and "1.5 秒" in failed.message
+
+
+def test_the_checker_never_imports_the_students_code(tmp_path):
+    path = write(tmp_path, "meddles", "import vit_model\nvit_model.MEDDLED = True\n")
+    ce.check(path)
+    assert not any(m.startswith("student_") for m in sys.modules)
+    assert not hasattr(ce.ref, "MEDDLED")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, code, says", [
+    ("module", "import os\nos._exit(0)", "✗ import"),
+    ("forward", "import os; os._exit(0)", "✗ MLP"),
+    ("module", "import sys\nsys.exit(0)", "✗ import"),
+], ids=["os._exit", "os._exit-in-forward", "sys.exit"])
+def test_an_exit_never_ends_the_checker_with_success(tmp_path, where, code, says):
+    """Out of process: an os._exit in this one would end pytest itself, with status 0."""
+    body = (MLP_RETURNS.format(body=code) if where == "forward"
+            else code + "\n\n\n" + MLP_RETURNS.format(body="return super().forward(x)"))
+    run = subprocess.run([sys.executable, str(HERE / "check_exercise.py"),
+                          str(write(tmp_path, "leaves", body)), "--timeout", "30"],
+                         cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, (run.stdout, run.stderr)
+    assert says in run.stdout and "退出" in run.stdout and "个模块通过" in run.stdout
