@@ -6,19 +6,25 @@
 
 For PatchEmbed, Attention, MLP, Block and VisionTransformer in turn, the reference's weights are
 copied into the student's module (same attribute names), both get the same random input, and the
-outputs must agree to 1e-5. The first module that fails stops the check, with what differs (shape or
-values) and, when the output matches a known mistake (computed here from the same weights), a hint
-for it. The report is in Chinese, like the guide.
+outputs must agree to 1e-5. The first module that fails stops the check, with what differs (shape,
+NaN/inf, values or dtype) and, when the output matches a known mistake (computed here from the same
+weights), a hint for it. The report is in Chinese, like the guide.
+
+The student's file runs in a separate process (this checker never imports it), with a time limit
+for the import and for each module (--timeout): an exception, an exit (sys.exit, os._exit) or an
+endless loop there is reported as a failure, and only this process prints the summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import multiprocessing as mp
 import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import ModuleType
 
@@ -29,6 +35,8 @@ from torch import Tensor, nn
 import vit_model as ref
 
 TOL = 1e-5
+TIMEOUT = 60.0  # seconds for the import and for each module; --timeout changes it
+STARTUP = 120.0  # seconds to start the worker process and import torch there, not the student's
 NAMES = ("PatchEmbed", "Attention", "MLP", "Block", "VisionTransformer")
 # The small model every check uses: 8x8 images, 4x4 patches (N = 4), D = 8, 2 heads, M = 16.
 IMG, PATCH, CH, DIM, HEADS, RATIO, DEPTH, CLASSES, BATCH = 8, 4, 3, 8, 2, 2.0, 2, 5, 2
@@ -194,8 +202,16 @@ GENERAL_HINTS = {
 }
 
 
+NON_FINITE_HINT = ("NaN/inf 通常来自除以 0、对负数开方、log(0) 或数值溢出；"
+                   "检查缩放和 softmax 的写法")
+DTYPE_HINT = "输入和权重都是 float32；不要用 .double()、numpy 或 dtype=... 改变输出的类型"
+EXIT_HINT = ("你的代码在检查器的子进程里运行：不要调用 sys.exit()、exit() 或 os._exit()"
+             "（演示代码放进 if __name__ == \"__main__\": 里）")
+TIMEOUT_HINT = "检查循环能否结束：这里的模型很小，每个模块都应当在一秒内算完"
+
+
 # --------------------------------------------------------------------------------------------
-# The checks
+# The checks (run in the worker process, see check() below)
 # --------------------------------------------------------------------------------------------
 
 def _build(name: str, cls: type) -> nn.Module:
@@ -229,6 +245,12 @@ def _where(exc: BaseException, path: Path) -> str:
     return f"（{path.name} 第 {frames[-1].lineno} 行）" if frames else ""
 
 
+def _what(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"调用了 sys.exit() 或 exit()（SystemExit: {exc.code}）"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def check_one(name: str, student: ModuleType, path: Path) -> Result:
     cls = getattr(student, name, None)
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
@@ -243,8 +265,9 @@ def check_one(name: str, student: ModuleType, path: Path) -> Result:
         mine = _build(name, cls).eval()
     except NotImplementedError:
         return Result(name, False, "还没有实现（__init__ 里是 raise NotImplementedError）")
-    except Exception as e:
-        return Result(name, False, f"构造 {name} 时出错{_where(e, path)}：{type(e).__name__}: {e}")
+    except BaseException as e:  # SystemExit and KeyboardInterrupt too
+        return Result(name, False, f"构造 {name} 时出错{_where(e, path)}：{_what(e)}",
+                      EXIT_HINT if isinstance(e, SystemExit) else "")
     theirs, ours = mine.state_dict(), reference.state_dict()
     missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
     shapes = [f"{k}: 应为 {tuple(ours[k].shape)}，实际 {tuple(theirs[k].shape)}"
@@ -263,40 +286,104 @@ def check_one(name: str, student: ModuleType, path: Path) -> Result:
             got = _output(mine, x)
         except NotImplementedError:
             return Result(name, False, "还没有实现（forward 里是 raise NotImplementedError）")
-        except Exception as e:
-            return Result(name, False, f"前向计算出错{_where(e, path)}：{type(e).__name__}: {e}")
+        except BaseException as e:
+            return Result(name, False, f"前向计算出错{_where(e, path)}：{_what(e)}",
+                          EXIT_HINT if isinstance(e, SystemExit) else "")
         if not isinstance(got, Tensor):
             return Result(name, False, f"forward 应返回张量，实际返回 {type(got).__name__}")
         matched = [(key, hint) for key, fn, hint in MISTAKES[name]
                    if (w := fn(reference, x)).shape == got.shape
-                   and torch.allclose(w, got, atol=1e-4, rtol=1e-4)]
+                   and torch.allclose(w.double(), got.double(), atol=1e-4, rtol=1e-4)]
     if got.shape != expected.shape:
         return Result(name, False, f"输出形状不对：应为 {tuple(expected.shape)}，"
                                    f"实际 {tuple(got.shape)}",
                       matched[0][1] if matched else GENERAL_HINTS[name], [k for k, _ in matched])
-    err = (got - expected).abs().max().item()
+    if not (finite := torch.isfinite(got)).all():  # NaN > TOL is False: never compare those
+        return Result(name, False, f"输出里有 NaN 或 inf：{(~finite).sum().item()} 个"
+                                   f"（共 {got.numel()} 个数）", NON_FINITE_HINT)
+    err = (got.double() - expected.double()).abs().max().item()
+    dtype = f"；输出的 dtype 是 {got.dtype}，应为 {expected.dtype}"
     if err > TOL:
         return Result(name, False, f"输出数值不对：形状正确 {tuple(got.shape)}，"
-                                   f"与参考实现的最大差 {err:.3g}（允许 {TOL:g}）",
+                                   f"与参考实现的最大差 {err:.3g}（允许 {TOL:g}）"
+                                   + (dtype if got.dtype != expected.dtype else ""),
                       matched[0][1] if matched else GENERAL_HINTS[name], [k for k, _ in matched])
+    if got.dtype != expected.dtype:
+        return Result(name, False, "数值正确" + dtype, DTYPE_HINT)
     return Result(name, True, f"通过（形状 {tuple(got.shape)}，最大差 {err:.1e}）")
 
 
-def check(path: str | Path) -> list[Result]:
-    """Check the five modules in order; stop at the first that fails."""
-    path = Path(path)
+def _worker(path: Path, conn: Connection) -> None:
+    """In the worker process: send each step's name as it starts ("import", then the modules),
+    then its Result (as a dict); stop at the first that fails."""
+    def send(message: str | Result) -> None:
+        conn.send(message if isinstance(message, str) else vars(message))
+
+    for stream in (sys.stdout, sys.stderr):  # the student's prints show even if the worker dies
+        stream.reconfigure(line_buffering=True)
+    send("import")
     try:
         student = load_module(path)
     except NotImplementedError:
-        return [Result("import", False, f"导入 {path.name} 时就遇到了 NotImplementedError："
-                                        "不要在模块顶层调用未实现的代码")]
-    except Exception as e:
-        return [Result("import", False, f"无法导入 {path}：{type(e).__name__}: {e}")]
-    results = []
+        return send(Result("import", False, f"导入 {path.name} 时就遇到了 NotImplementedError："
+                                            "不要在模块顶层调用未实现的代码"))
+    except BaseException as e:  # SystemExit and KeyboardInterrupt too
+        return send(Result("import", False, f"无法导入 {path}：{_what(e)}",
+                           EXIT_HINT if isinstance(e, SystemExit) else ""))
     for name in NAMES:
-        results.append(check_one(name, student, path))
-        if not results[-1].ok:
-            break
+        send(name)
+        try:
+            result = check_one(name, student, path)
+        except BaseException as e:  # anything the student's code broke on the way
+            result = Result(name, False, f"检查 {name} 时出错：{_what(e)}")
+        send(result)
+        if not result.ok:
+            return
+
+
+# forkserver (Linux): each worker is forked from a process that has torch loaded already, so it
+# starts in a fraction of a second; elsewhere a fresh Python (spawn), a few seconds.
+if sys.platform == "linux":
+    CONTEXT = mp.get_context("forkserver")
+    CONTEXT.set_forkserver_preload(["vit_model"])
+else:
+    CONTEXT = mp.get_context("spawn")
+
+
+def check(path: str | Path, timeout: float = TIMEOUT) -> list[Result]:
+    """Check the five modules in order, in a worker process; stop at the first that fails, that
+    takes longer than `timeout` seconds, or ends the process."""
+    path = Path(path)
+    receiver, sender = CONTEXT.Pipe(duplex=False)
+    worker = CONTEXT.Process(target=_worker, args=(path, sender))
+    worker.start()
+    sender.close()  # the worker holds the only sending end now: recv() fails once it is gone
+    results, step, limit = [], "import", max(timeout, STARTUP)
+    try:
+        while True:
+            what = f"导入 {path.name}" if step == "import" else f"检查 {step}"
+            if not receiver.poll(limit):
+                results.append(Result(step, False, f"{what} 超过 {timeout:g} 秒还没有完成，"
+                                                   "已停止（死循环？）", TIMEOUT_HINT))
+                break
+            try:
+                message = receiver.recv()
+            except EOFError:
+                worker.join(5)
+                results.append(Result(step, False, f"{what} 时进程退出了"
+                                                   f"（退出码 {worker.exitcode}），没有给出结果",
+                                      EXIT_HINT + "；退出码为负数是被信号终止（崩溃或内存不足）"))
+                break
+            if isinstance(message, str):
+                step, limit = message, timeout
+            else:
+                results.append(Result(**message))
+                if not results[-1].ok or len(results) == len(NAMES):
+                    break
+    finally:
+        worker.kill()  # whatever it still does (threads, atexit handlers, a loop)
+        worker.join()
+        receiver.close()
     return results
 
 
@@ -306,8 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", nargs="?", default="exercise_vit.py",
                    help="a Python file that defines PatchEmbed, Attention, MLP, Block and "
                         "VisionTransformer")
+    p.add_argument("--timeout", type=float, default=TIMEOUT, metavar="SECONDS",
+                   help=f"time limit for importing the file and for each module "
+                        f"(default {TIMEOUT:g})")
     args = p.parse_args(argv)
-    results = check(args.file)
+    if not 0 < args.timeout <= 86400:
+        p.error("--timeout must be more than 0 and at most 86400 seconds (a day)")
+    results = check(args.file, args.timeout)
     for r in results:
         print(f"{'✓' if r.ok else '✗'} {r.name}：{r.message}")
         if r.hint:
