@@ -29,11 +29,21 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from config import build_model
 from data import CIFAR10_MEAN, CIFAR10_STD
-from vit_model import load_state_dict_checked
+from vit_model import (
+    VisionTransformer,
+    config_from_state_dict,
+    convert_torchvision_state_dict,
+    load_jax_npz,
+    load_state_dict_checked,
+    load_torchvision_pretrained,
+)
+
+# The number of heads of torchvision's ViTs (Table 1), which a state dict's shapes cannot tell.
+TORCHVISION_HEADS = {"vit_b_16": 12, "vit_b_32": 12, "vit_l_16": 16, "vit_l_32": 16, "vit_h_14": 16}
 
 RESUME_KEYS = ("config", "model_config", "model", "optimizer", "scaler", "epoch", "step",
                "best_acc", "history")
@@ -233,6 +243,82 @@ def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> nn.Modu
     state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     load_state_dict_checked(model, state)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-trained weights for fine-tuning (--init)
+# --------------------------------------------------------------------------------------------
+
+def _state_dict_file(path: str) -> dict[str, Tensor]:
+    """A saved state dict (name -> tensor), also inside a {"state_dict": ...} or {"model": ...}."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no state dict file at {path}") from None
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as a state dict: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    for wrapper in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not (isinstance(sd, dict) and sd and all(isinstance(v, Tensor) for v in sd.values())):
+        raise CheckpointError(f"{path} is not a state dict (parameter name -> tensor)")
+    return sd
+
+
+def load_pretrained(source: str, num_heads: int | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """--init SOURCE: the model config (as a dict) and the weights of pre-trained weights.
+    SOURCE is a checkpoint of ours (its EMA weights if it has them), a Google PATH.npz,
+    torchvision:ARCH (downloaded), torchvision:ARCH=PATH (a saved torchvision state dict of that
+    ViT; num_heads for another architecture) or timm:PATH (a timm state dict, whose names are
+    ours; num_heads must be given: the shapes cannot tell it)."""
+    kind, sep, rest = source.partition(":")
+    if sep and kind == "torchvision":
+        arch, _, path = rest.partition("=")
+        if not path:
+            model = load_torchvision_pretrained(arch)
+            return model.config.to_dict(), model.state_dict()
+        heads = num_heads or TORCHVISION_HEADS.get(arch)
+        if heads is None:
+            raise ValueError(f"--init torchvision:{arch}=...: {arch!r} is not one of "
+                             f"torchvision's ViTs {sorted(TORCHVISION_HEADS)}; for another "
+                             f"architecture give its number of heads with --num-heads")
+        try:
+            sd = convert_torchvision_state_dict(_state_dict_file(path))
+        except KeyError as e:
+            raise CheckpointError(f"{path} is not a torchvision ViT state dict: it has no "
+                                  f"{e}") from e
+        return config_from_state_dict(sd, num_heads=heads).to_dict(), sd
+    if sep and kind == "timm":
+        if not num_heads:
+            raise ValueError("--init timm:PATH: a state dict's shapes cannot tell the number of "
+                             "heads; give it with --num-heads")
+        sd = _state_dict_file(rest)
+        try:
+            return config_from_state_dict(sd, num_heads=num_heads).to_dict(), sd
+        except KeyError as e:
+            raise CheckpointError(f"{rest} is not a timm ViT state dict: it has no {e}") from e
+    if source.endswith(".npz"):
+        model = load_jax_npz(source)
+        return model.config.to_dict(), model.state_dict()
+    ckpt = load_checkpoint(source)
+    return ckpt["model_config"], ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+
+
+def init_from_pretrained(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Sec. 3.2: every pre-trained weight but the prediction head (and its pre-logits layer) is
+    loaded, the position embedding resized to the model's grid; the new head is zero."""
+    kept = {k: v for k, v in state.items() if not k.startswith(("head.", "pre_logits."))}
+    if isinstance(model, VisionTransformer):
+        load_state_dict_checked(model, kept, skip_head=True)
+    else:
+        missing, unexpected = model.load_state_dict(kept, strict=False)
+        if unexpected or any(not k.startswith("head.") for k in missing):
+            raise ValueError(f"the weights do not fit the model: missing {missing}, unexpected "
+                             f"{unexpected}")
+    nn.init.zeros_(model.head.weight)
+    nn.init.zeros_(model.head.bias)
 
 
 def input_normalization(ckpt: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cnn_model import ResNetCIFAR, ResNetConfig
@@ -61,6 +61,16 @@ class TrainConfig:
                            "downscaled to SIZE x SIZE until the fraction UNTIL of the decay is "
                            "done, then at full size, e.g. '16:0.3,24:0.6'; the position "
                            "embedding is interpolated on the fly (Sec. 3.2) ('': off)")
+    img_size: int = _f(0, "training and evaluation resolution: the images are resized to it on "
+                       "the fly, e.g. upsampled for fine-tuning (Sec. 3.2: the paper fine-tunes at "
+                       "384) (0: the model's own, 32 for the CIFAR presets)")
+    init: str = _f("", "start a new run from pre-trained weights (Sec. 3.2: the pre-trained head "
+                   "is replaced by a zero-initialised one and the position embedding is "
+                   "resized): a checkpoint of ours (PATH.pt or a run folder), a Google ViT "
+                   "PATH.npz, torchvision:ARCH (downloads ImageNet weights, e.g. "
+                   "torchvision:vit_b_16), torchvision:ARCH=PATH (a saved torchvision state "
+                   "dict), or timm:PATH (a timm ViT state dict; give --num-heads, which its "
+                   "shapes cannot tell); the architecture is the source's ('': from scratch)")
     # optimisation
     epochs: int = _f(30, "number of epochs (with --time-budget: the most epochs); with --resume, "
                      "a new value re-plans the cosine decay to end at the new last epoch")
@@ -70,13 +80,15 @@ class TrainConfig:
                             "run is not bit-exact; with --resume, a new value re-plans the decay "
                             "to end at the new budget (0: off)")
     batch_size: int = _f(128, "global batch size (split across DDP processes)")
-    optimizer: str = _f("adamw", "'adamw', or 'muon': Muon for the 2D weight matrices of the "
+    optimizer: str = _f("adamw", "'adamw'; 'sgd' (with --momentum, the paper's fine-tuning, "
+                        "Appendix B.1.1); or 'muon': Muon for the 2D weight matrices of the "
                         "blocks (qkv, proj, fc1, fc2) and AdamW for the rest (embeddings, norms, "
                         "biases, head)")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     muon_lr: float = _f(0.0, "peak learning rate of Muon, with its update scaled to AdamW's RMS "
                         "(adjust_lr_fn='match_rms_adamw'); it follows the same schedule (0: --lr)")
     muon_momentum: float = _f(0.95, "Muon momentum (Nesterov)")
+    momentum: float = _f(0.9, "SGD momentum (--optimizer sgd)")
     min_lr: float = _f(1e-5, "learning rate at the end of the decay")
     decay: str = _f("cosine", "shape of the decay after the warmup: 'cosine' or 'linear' (to "
                     "min_lr)")
@@ -148,6 +160,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                 batch_size=128, optimizer="muon", lr=1e-3, muon_lr=4e-3, warmup_epochs=1.0,
                 weight_decay=0.05, patch_drop=0.6, full_token_epochs=1, label_smoothing=0.1,
                 eval_subset=2000, tta_flip=True),
+    # The paper's fine-tuning (Appendix B.1.1 and Table 4; the official code's defaults,
+    # google-research/vision_transformer vit_jax/configs/common.py): SGD with momentum 0.9, batch
+    # 512, no weight decay, gradient clipping at global norm 1, a linear warmup of 500 steps then
+    # a cosine decay to 0 over 10,000 steps for CIFAR-10 (103 epochs of 97 steps: 9,991), the
+    # learning rate from the grid {0.001, 0.003, 0.01, 0.03} (0.03 is the code's default), images
+    # at 384x384. Needs --init; on the CPU use a smaller --img-size, --epochs and --batch-size.
+    "finetune": dict(optimizer="sgd", momentum=0.9, batch_size=512, weight_decay=0.0,
+                     clip_grad=1.0, decay="cosine", lr=0.03, min_lr=0.0, warmup_epochs=5.15,
+                     epochs=103, img_size=384, label_smoothing=0.0),
     # Full recipe for one GPU (DeiT-style): strong augmentation, long schedule, EMA.
     "gpu": dict(model="vit_cifar_base", epochs=200, batch_size=512, lr=1e-3, warmup_epochs=10,
                 weight_decay=0.05, beta2=0.99, drop_path=0.1, randaug_n=2, randaug_m=9, mixup=0.8,
@@ -169,16 +190,28 @@ def as_cnn() -> dict[str, Any]:
     return {"model": CNN, **{name: FIELDS[name].default for name in VIT_ONLY}}
 
 
-def model_config_of(cfg: TrainConfig, num_classes: int) -> ViTConfig | ResNetConfig:
-    """The model of a training config: its --model preset with the flags that override it."""
+def model_config_of(cfg: TrainConfig, num_classes: int,
+                    source: dict[str, Any] | None = None) -> ViTConfig | ResNetConfig:
+    """The model of a training config: its --model preset with the flags that override it; or,
+    with `source` (the model config of --init's weights), the source's architecture with a new
+    head for num_classes (no pre-logits layer, Sec. 3.2) and this run's resolution and
+    regularisation."""
+    if source is not None:
+        if source.get("arch") == "resnet":
+            return replace(ResNetConfig(**source), num_classes=num_classes,
+                           img_size=cfg.img_size or source["img_size"])
+        return replace(ViTConfig(**source), num_classes=num_classes, representation_size=None,
+                       img_size=cfg.img_size or source["img_size"], drop_rate=cfg.dropout,
+                       drop_path_rate=cfg.drop_path, patch_drop_rate=cfg.patch_drop,
+                       dynamic_img_size=bool(cfg.res_schedule))
     if cfg.model == CNN:
-        return ResNetConfig(num_classes=num_classes)
+        return ResNetConfig(num_classes=num_classes, img_size=cfg.img_size or 32)
     return model_config(cfg.model, num_classes=num_classes, patch_size=cfg.patch_size,
                         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
                         mlp_ratio=cfg.mlp_ratio, classifier=cfg.classifier,
                         pos_embed=cfg.pos_embed, drop_rate=cfg.dropout,
                         drop_path_rate=cfg.drop_path, patch_drop_rate=cfg.patch_drop,
-                        dynamic_img_size=bool(cfg.res_schedule))
+                        dynamic_img_size=bool(cfg.res_schedule), img_size=cfg.img_size or None)
 
 
 def build_model(mcfg: ViTConfig | ResNetConfig | dict[str, Any]) -> VisionTransformer | ResNetCIFAR:
@@ -199,7 +232,8 @@ def flag(name: str) -> str:
 
 def validate(cfg: TrainConfig) -> None:
     """Every setting in its range, or a ValueError naming the flag, the rule and the value."""
-    choices = {"model": MODELS, "optimizer": ("adamw", "muon"), "decay": ("cosine", "linear"),
+    choices = {"model": MODELS, "optimizer": ("adamw", "sgd", "muon"),
+               "decay": ("cosine", "linear"),
                "wandb": ("offline", "online", "off"), "device": ("auto", "cpu", "cuda"),
                "amp": ("auto", "bf16", "fp16", "off")}
     for name, allowed in choices.items():
@@ -214,6 +248,8 @@ def validate(cfg: TrainConfig) -> None:
             "cutmix", "val_split", "eval_subset", "full_token_epochs", "threads", "stop_at_epoch",
             "min_lr", "muon_lr")),
         ("muon_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("img_size", lambda v: v >= 0, "0 (the model's) or a size in pixels"),
         ("lr", lambda v: v > 0, "positive"),
         ("seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
         ("mlp_ratio", lambda v: v is None or v > 0, "positive"),
@@ -240,6 +276,13 @@ def validate(cfg: TrainConfig) -> None:
         if used:
             raise ValueError(f"--model {CNN}: {', '.join(map(flag, used))} apply to ViT models "
                              f"only (Muon: to the blocks' matrices); use the defaults")
+        return
+    if cfg.init:  # the architecture is the source's, checked when its weights are read
+        fixed = [flag(n) for n in ("embed_dim", "depth", "mlp_ratio")
+                 if getattr(cfg, n) is not None]
+        if fixed:
+            raise ValueError(f"--init {cfg.init}: {', '.join(fixed)} cannot be changed, the "
+                             f"architecture is the pre-trained model's")
         return
     mcfg = model_config_of(cfg, num_classes=10)  # the model settings fit together (D % heads)
     stages = resolution_stages(cfg.res_schedule)
@@ -312,8 +355,10 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
 
 
 def check_same_model(cfg: TrainConfig, saved_model_config: dict[str, Any]) -> None:
-    """A resumed run must build the model its checkpoint holds."""
-    new = model_config_of(cfg, saved_model_config["num_classes"]).to_dict()
+    """A resumed run must build the model its checkpoint holds (for a fine-tuning run: the same
+    resolution and regularisation on the saved architecture)."""
+    source = saved_model_config if cfg.init else None
+    new = model_config_of(cfg, saved_model_config["num_classes"], source).to_dict()
     changed = {k: (v, new.get(k)) for k, v in saved_model_config.items() if new.get(k) != v}
     if changed:
         raise ValueError(f"the checkpoint was trained with another model config; differences "

@@ -210,6 +210,9 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig
     """The optimisers, each with its peak learning rate relative to --lr: AdamW for everything,
     or Muon for the blocks' 2D weight matrices and AdamW for the rest."""
     named = list(model.named_parameters())
+    if cfg.optimizer == "sgd":  # the paper's fine-tuning (Appendix B.1.1)
+        groups = param_groups(named, model.no_weight_decay(), cfg.weight_decay)
+        return [(torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum), 1.0)]
     muon = [p for n, p in named
             if cfg.optimizer == "muon" and n.startswith("blocks.") and p.ndim == 2]
     in_muon = {id(p) for p in muon}
@@ -320,9 +323,8 @@ def train_epoch(learner: Learner, batches: TrainBatches, schedule: Schedule, epo
     bar = tqdm(batches.epoch(epoch), total=len(batches), desc=desc, disable=not show, leave=False,
                mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     for i, (x, target) in enumerate(bar):
-        if size != full:  # (B, C, size, size); the model interpolates its position embedding
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                              align_corners=False)
+        if size != x.shape[-1]:  # (B, C, size, size): --img-size, or --res-schedule (the model
+            x = resize(x, size)  # then interpolates its position embedding)
         t0 = time.perf_counter()
         t_data += t0 - t_ready
         loss, logits = learner.step(x, target, schedule.lr(step))
@@ -361,6 +363,12 @@ def train_epoch(learner: Learner, batches: TrainBatches, schedule: Schedule, epo
             **({"downscaled": size} if size != full else {})}, step
 
 
+def resize(x: Tensor, size: int) -> Tensor:
+    """Images (B, C, H, W) at size x size: bilinear, antialiased when shrinking."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=size < x.shape[-1],
+                         align_corners=False)
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, x_all: Tensor, y_all: Tensor, mean: tuple[float, ...],
              std: tuple[float, ...], batch_size: int, amp_ctx: Any = None,
@@ -372,8 +380,10 @@ def evaluate(model: nn.Module, x_all: Tensor, y_all: Tensor, mean: tuple[float, 
     K = model.num_classes
     loss_sum = torch.zeros((), device=x_all.device)
     confusion = torch.zeros(K, K, dtype=torch.long, device=x_all.device)
+    size = model.config.img_size
     for i in range(0, len(x_all), batch_size):
         x, y = normalize(x_all[i:i + batch_size], mean, std), y_all[i:i + batch_size]
+        x = x if x.shape[-1] == size else resize(x, size)  # (b, C, size, size)
         with amp_ctx or contextlib.nullcontext():
             logits = model(x).float()  # (b, K)
             if tta_flip:
@@ -452,8 +462,16 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | 
                       cfg.randaug_m, cfg.erase_prob, cfg.label_smoothing, cfg.mixup, cfg.cutmix,
                       cfg.mix_prob)
     batches = TrainBatches(train_x, train_y, cfg.batch_size, augment, cfg.seed, rank, world)
-    mcfg = model_config_of(cfg, len(data.classes))
-    learner = Learner.build(cfg, build_model(mcfg), device, world)
+    source, weights = None, None
+    if ckpt and cfg.init:  # a fine-tuning run resumed: the architecture is the checkpoint's
+        source = ckpt["model_config"]
+    elif cfg.init:
+        source, weights = checkpoint.load_pretrained(cfg.init, cfg.num_heads)
+    mcfg = model_config_of(cfg, len(data.classes), source)
+    model = build_model(mcfg)
+    if weights is not None:
+        checkpoint.init_from_pretrained(model, weights)  # Sec. 3.2: new zero head
+    learner = Learner.build(cfg, model, device, world)
     eval_model = learner.ema if learner.ema is not None else learner.model
 
     run = RunState.from_checkpoint(ckpt)

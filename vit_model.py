@@ -643,8 +643,10 @@ def convert_jax_state_dict(arrays: Mapping[str, Any]) -> dict[str, Tensor]:
     return out
 
 
-def _config_from_state_dict(sd: Mapping[str, Tensor], **overrides: Any) -> ViTConfig:
-    """Infer a ViTConfig from converted weights (the number of heads cannot be inferred)."""
+def config_from_state_dict(sd: Mapping[str, Tensor], **overrides: Any) -> ViTConfig:
+    """Infer a ViTConfig from converted weights. The number of heads cannot be inferred: give it
+    (num_heads=...), else it is the paper's for D = 768, 1024, 1280 (Table 1) and D / 64
+    otherwise."""
     D, C, P, _ = sd["patch_embed.proj.weight"].shape
     depth = sum(1 for k in sd if k.endswith("norm1.weight"))
     grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
@@ -678,7 +680,9 @@ def load_jax_npz(path: str, **overrides: Any) -> VisionTransformer:
     except KeyError as e:
         raise ValueError(f"{path} is not a Google ViT checkpoint: it has no array {e} "
                          f"(found {sorted(arrays)[:5]}...)") from e
-    model = VisionTransformer(_config_from_state_dict(sd, **{"gelu": "tanh", **overrides}))
+    query = arrays["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"]
+    model = VisionTransformer(config_from_state_dict(  # the query kernel is (D, heads, D_h)
+        sd, **{"gelu": "tanh", "num_heads": query.shape[1], **overrides}))
     load_state_dict_checked(model, sd, skip_head="head.weight" not in sd)
     return model
 
@@ -708,6 +712,6 @@ def load_torchvision_pretrained(arch: str = "vit_b_16", weights: str = "IMAGENET
             "convert_torchvision_state_dict(torch.load(path)) with load_state_dict_checked()."
         ) from e
     sd = convert_torchvision_state_dict(sd)
-    model = VisionTransformer(_config_from_state_dict(sd))
+    model = VisionTransformer(config_from_state_dict(sd))
     load_state_dict_checked(model, sd)
     return model
