@@ -148,7 +148,7 @@ def test_the_shortest_command_reproduces_a_config():
     cfg = preset("cpu", seed=3, data_dir="/somewhere", run_name="x")
     assert config_command(cfg) == "python train_cifar10.py --preset cpu --seed 3"
     assert config_command(TrainConfig(flip=False)) == "python train_cifar10.py --no-flip"
-    assert set(PRESETS) == {"cpu", "gpu"}
+    assert set(PRESETS) == {"cpu", "gpu", "finetune"}
 
 
 # ---------------------------------------------------------------------------------------------
