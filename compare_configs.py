@@ -119,6 +119,45 @@ def _data_runs() -> list[Run]:
     return runs
 
 
+# The transfer study's split of CIFAR-10: pre-train on the first five classes, fine-tune on the
+# other five. Each target class has a relative among the sources (dog - cat, horse - deer,
+# ship - airplane, truck - automobile; frog - the other small animals), as CIFAR-10's classes have
+# relatives in ImageNet-21k, the paper's source: what transfers is general visual features, not
+# the classes themselves.
+SOURCE = "airplane,automobile,bird,cat,deer"
+TARGET = "dog,frog,horse,ship,truck"
+
+
+def _transfer_runs() -> list[Run]:
+    """Pre-train a ViT and the ResNet on the 25,000 source images; then on 1%, 10% and 100% of the
+    target's 22,500 training images (2,500 held out), train each from scratch and fine-tuned
+    from its pre-trained source (Sec. 3.2: new zero head, same recipe and budget); and one
+    fine-tuning at 48x48, above the data's 32x32 (Sec. 3.2: the paper fine-tunes at 384)."""
+    target = {"classes": TARGET, "val_split": 2500}
+    vit, cnn = "ViT (vit_cifar_tiny)", "ResNet (resnet_cifar)"
+    runs = [Run("ViT source, 5 classes", {"classes": SOURCE, "val_split": 0}),
+            Run("ResNet source, 5 classes", {**as_cnn(), "classes": SOURCE, "val_split": 0}),
+            *(Run("ViT scratch, 100%", target, seed, True, f"{vit}, scratch", 1.0)
+              for seed in (0, 1))]
+    for frac in (0.1, 0.01):
+        runs.append(Run(f"ViT scratch, {frac:.0%}", {**target, "train_fraction": frac},
+                        line=f"{vit}, scratch", x=frac))
+    for frac in (1.0, 0.1, 0.01):
+        changes = {**target, "train_fraction": frac}
+        runs += [Run(f"ViT fine-tuned, {frac:.0%}",
+                     {**changes, "init": "run:ViT source, 5 classes"},
+                     line=f"{vit}, fine-tuned", x=frac),
+                 Run(f"ResNet scratch, {frac:.0%}", {**changes, **as_cnn()},
+                     line=f"{cnn}, scratch", x=frac),
+                 Run(f"ResNet fine-tuned, {frac:.0%}",
+                     {**changes, **as_cnn(), "init": "run:ResNet source, 5 classes"},
+                     line=f"{cnn}, fine-tuned", x=frac)]
+    runs.append(Run("ViT fine-tuned at 48x48, 10%",
+                    {**target, "train_fraction": 0.1, "init": "run:ViT source, 5 classes",
+                     "img_size": 48}, line=f"{vit}, fine-tuned at 48x48", x=0.1))
+    return runs
+
+
 STUDIES: dict[str, Study] = {s.name: s for s in (
     Study("patch", "patch size 2 / 4 / 8 on 32x32 images (256 / 64 / 16 tokens): "
           "accuracy vs compute", [
@@ -139,6 +178,9 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
         Run("D=128, L=12", {"depth": 12})]),
     Study("data", "ViT vs a ResNet of similar size on 10-100% of the training images (Figures 3-4)",
           _data_runs(), plot="lines"),
+    Study("transfer", "pre-train on five classes, fine-tune on the other five (Sec. 3.2): how "
+          "much does pre-training help, the ViT and the ResNet, with 1-100% of the target images",
+          _transfer_runs(), plot="lines"),
 )}
 
 
@@ -149,6 +191,8 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
 def run_config(run: Run, budget: dict[str, Any], base: dict[str, Any]) -> TrainConfig:
     """The full training config of a run: defaults < BASE (with --set) < the run's change <
     budget."""
+    if run.changes.get("init"):  # fine-tuned: the architecture is the source run's
+        base = {k: v for k, v in base.items() if k not in ("embed_dim", "depth", "mlp_ratio")}
     cfg = TrainConfig(**{**base, **run.changes, "seed": run.seed, **budget})
     validate(cfg)
     return cfg
@@ -273,13 +317,20 @@ def check_folder(folder: Path, option: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def train_run(study: str, run: Run, cfg: TrainConfig, args: argparse.Namespace,
-              data: ImageData) -> Path:
-    """Train one run with train_cifar10.train (continuing its last.pt if it was interrupted)."""
+              data: ImageData, rows: list[dict[str, Any]]) -> Path:
+    """Train one run with train_cifar10.train (continuing its last.pt if it was interrupted). A
+    run fine-tuned from another run of the study (--init run:LABEL) starts from that run's
+    best.pt, found among the study's finished `rows`."""
     run_dir = Path(args.checkpoint_dir) / study / f"{study}-{run_key(cfg)}"
     last = run_dir / "last.pt"
     if last.is_file():
         tqdm.write(f"continuing {run.label!r} from {last}")
     placed = cfg.replace(data_dir=args.data_dir, out_dir=str(run_dir.parent), run_name=run_dir.name)
+    if cfg.init.startswith("run:"):
+        source = next((r for r in rows if r["label"] == cfg.init[4:]), None)
+        if source is None:
+            raise ValueError(f"{run.label!r} fine-tunes {cfg.init[4:]!r}, which has not run yet")
+        placed = placed.replace(init=str(Path(source["run_dir"]) / "best.pt"))
     tc.train(placed, resume=last if last.is_file() else None, data=data)
     return run_dir
 
@@ -289,6 +340,7 @@ def make_row(study: str, run: Run, cfg: TrainConfig, run_dir: Path, data: ImageD
     ckpt = load_checkpoint(run_dir / "last.pt")
     hist = ckpt["history"]
     best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else ckpt
+    data = tc.load_data(cfg, None, loaded=data)  # the run's own --classes
     test = tc.evaluate(model_from_checkpoint(best), data.test_x, data.test_y,
                        *input_normalization(best), cfg.eval_batch_size)["acc"]
     params, mflops = model_cost(cfg, len(data.classes))
@@ -358,7 +410,7 @@ def run_studies(args: argparse.Namespace) -> None:
                     tqdm.write(f"[{s.name}] {run.label} (seed {run.seed}): {command}")
                     # just before the run: speed drifts
                     machine["ref_img_s"] = round(reference_speed(), 1)
-                    run_dir = train_run(s.name, run, cfg, args, data)
+                    run_dir = train_run(s.name, run, cfg, args, data, res.rows)
                     res.add(make_row(s.name, run, cfg, run_dir, data, dict(machine)))
                 overall.update(1)
         except (KeyboardInterrupt, SystemExit) as e:
@@ -435,7 +487,7 @@ def plot(study: Study, res: Results, path: Path) -> None:
             ax.text(r["val_acc"] + 0.2, i, f"{r['val_acc']:.2f}", va="center", fontsize=8)
     else:
         # one point per x: the mean over seeds, min-max bar
-        for line in dict.fromkeys(r["line"] for r in rows):
+        for line in dict.fromkeys(r["line"] for r in rows if r["line"]):
             xs = sorted({r["x"] for r in rows if r["line"] == line})
             accs = [[r["val_acc"] for r in rows if r["line"] == line and r["x"] == x] for x in xs]
             means = [statistics.mean(a) for a in accs]
@@ -447,8 +499,10 @@ def plot(study: Study, res: Results, path: Path) -> None:
                 ax.annotate(f"{m:.1f}", (100 * x, m), textcoords="offset points", xytext=(0, 7),
                             ha="center", fontsize=8)
         ax.set_xscale("log")
-        ax.set_xticks([10, 25, 50, 100], ["10%", "25%", "50%", "100%"])
-        ax.set_xlabel("fraction of the 45,000 training images")
+        ticks = sorted({100 * r["x"] for r in rows if r["line"]})
+        ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+        n = max(r["train_images"] / r["x"] for r in rows if r["line"])
+        ax.set_xlabel(f"fraction of the {n:,.0f} training images")
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")

@@ -112,6 +112,8 @@ class TrainConfig:
     data_dir: str = _f("data", "CIFAR-10: a cifar-10-batches-py folder, an ImageFolder tree with "
                        "train/ and test/, or where to download it")
     download: bool = _f(True, "download CIFAR-10 when data_dir holds none")
+    classes: str = _f("", "train and evaluate on these classes only, comma-separated names in "
+                      "the order of their labels, e.g. 'dog,frog,horse,ship,truck' ('': all)")
     val_split: int = _f(0, "hold out this many training images and evaluate on them instead of "
                         "test")
     train_fraction: float = _f(1.0, "train on this fraction of the training images (after "

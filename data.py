@@ -211,6 +211,21 @@ def match_classes(data: ImageData, classes: list[str] | tuple[str, ...]) -> Imag
     return replace(data, train_y=lookup[data.train_y], test_y=lookup[data.test_y], classes=classes)
 
 
+def select_classes(data: ImageData, names: list[str] | tuple[str, ...]) -> ImageData:
+    """Only the images of these classes, labelled 0..k-1 in the order given."""
+    unknown = [n for n in names if n not in data.classes]
+    if unknown or len(set(names)) != len(names) or not names:
+        raise ValueError(f"--classes must name distinct classes of the data {list(data.classes)}, "
+                         f"got {list(names)}")
+    lookup = torch.full((len(data.classes),), -1, dtype=torch.long)  # data label -> new label
+    for new, name in enumerate(names):
+        lookup[data.classes.index(name)] = new
+    train_y, test_y = lookup[data.train_y], lookup[data.test_y]
+    keep_train, keep_test = train_y >= 0, test_y >= 0
+    return replace(data, train_x=data.train_x[keep_train], train_y=train_y[keep_train],
+                   test_x=data.test_x[keep_test], test_y=test_y[keep_test], classes=tuple(names))
+
+
 def load_dataset(data_dir: str | Path, download: bool = True, img_size: int = 32,
                  with_train: bool = True) -> ImageData:
     """CIFAR-10 from `data_dir`, in whichever form is there:

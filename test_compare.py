@@ -498,3 +498,27 @@ def test_the_committed_results_files_stay_readable(repo):
         res = cc.Results(repo / "results", path.stem)
         assert res.rows and {r["study"] for r in res.rows} == {path.stem}
         assert cc.table(cc.STUDIES[path.stem], res).startswith(f"### {path.stem}")
+
+
+@pytest.mark.slow
+def test_the_transfer_study_fine_tunes_from_its_own_source_runs(data_dir, tmp_path, monkeypatch,
+                                                                fast_machine):
+    runs = [dataclasses.replace(r, changes={**r.changes, "val_split": min(
+        r.changes["val_split"], 20)}) for r in cc.STUDIES["transfer"].runs]
+    tiny_study(monkeypatch, "transfer", runs, "lines")
+    cc.main(["--data-dir", str(data_dir), "--out", str(tmp_path / "res"), "--fig-dir",
+             str(tmp_path / "fig"), "--checkpoint-dir", str(tmp_path / "ck"), "--study",
+             "transfer", "--epochs", "1", "--set", *SMALL, "batch_size=4"])
+    got = {r["label"]: r for r in rows(tmp_path, "transfer")}
+    assert len(got) == len(runs) - 1  # the baseline's two seeds share a label
+    source = load_checkpoint(Path(got["ViT source, 5 classes"]["run_dir"]) / "best.pt")
+    assert source["classes"] == cc.SOURCE.split(",")
+    for label, src in (("ViT fine-tuned, 10%", "ViT source, 5 classes"),
+                       ("ResNet fine-tuned, 1%", "ResNet source, 5 classes")):
+        ckpt = load_checkpoint(Path(got[label]["run_dir"]) / "last.pt")
+        assert ckpt["classes"] == cc.TARGET.split(",")
+        assert ckpt["config"]["init"] == str(Path(got[src]["run_dir"]) / "best.pt")
+        assert got[label]["config"]["init"] == f"run:{src}"  # the row's key does not depend
+    high = load_checkpoint(Path(got["ViT fine-tuned at 48x48, 10%"]["run_dir"]) / "last.pt")
+    assert high["model_config"]["img_size"] == 48
+    assert (tmp_path / "fig" / "study_transfer.png").is_file()

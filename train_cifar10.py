@@ -74,6 +74,7 @@ from data import (
     match_classes,
     normalize,
     read_image,
+    select_classes,
     split_data,
 )
 from inference import top_k
@@ -404,10 +405,12 @@ def evaluate(model: nn.Module, x_all: Tensor, y_all: Tensor, mean: tuple[float, 
 
 def load_data(cfg: TrainConfig, ckpt: dict[str, Any] | None, with_train: bool = True,
               loaded: ImageData | None = None) -> ImageData:
-    """The data set of --data-dir (or the one already loaded); with a checkpoint, labelled by the
-    checkpoint's class list (matched by name), and refused if its classes are not the
-    checkpoint's."""
+    """The data set of --data-dir (or the one already loaded), only the --classes if given; with a
+    checkpoint, labelled by the checkpoint's class list (matched by name), and refused if its
+    classes are not the checkpoint's."""
     data = loaded or load_dataset(cfg.data_dir, cfg.download, with_train=with_train)
+    if cfg.classes:
+        data = select_classes(data, cfg.classes.split(","))
     if ckpt is None:
         return data
     if ckpt.get("classes"):
