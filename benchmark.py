@@ -12,6 +12,7 @@ alike; the ratio is the number to read. `recipe` is the baseline for an equal-ti
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import time
@@ -130,6 +131,8 @@ def bench_data(args: argparse.Namespace) -> None:
     else:
         images = torch.randint(0, 256, (args.num_images, 3, 32, 32), dtype=torch.uint8)
     n, bs = len(images), args.batch_size
+    if bs > n:  # no full batch: "ours" would time nothing
+        raise ValueError(f"--batch-size {bs} is larger than the {n} images of a timing round")
     print(f"augmentation of {n} images, batch {bs}; "
           f"reference: DataLoader({args.workers} workers) + PIL")
     for policy in ("crop+flip", "crop+flip+RandAugment(2, 9)"):
@@ -172,6 +175,9 @@ def bench_recipe(args: argparse.Namespace) -> None:
     counted)."""
     torch.manual_seed(0)
     data = load_dataset(args.data_dir, download=False)
+    if args.batch_size > len(data.train_x):  # no full batch: not one step would be taken
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the training set of "
+                         f"{args.data_dir} ({len(data.train_x)} images)")
     train = PILCifar(data.train_x,
                      T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                                 T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]), data.train_y)
@@ -221,8 +227,9 @@ def _main(argv: list[str]) -> None:
     sub = p.add_subparsers(dest="what", required=True)
     m = sub.add_parser("model", parents=[common],
                        help="forward + backward speed: ours vs torchvision")
-    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda")
+    m.add_argument("--device", choices=("cpu", "cuda"),
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when there is a GPU)")
     m.add_argument("--batch-b16", type=int, default=8, help="batch size for ViT-B/16")
     m.add_argument("--batch-cifar", type=int, default=128, help="batch size for the CIFAR preset")
     m.add_argument("--rounds", type=int, default=5,
@@ -244,11 +251,15 @@ def _main(argv: list[str]) -> None:
     r.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     args = p.parse_args(argv)
     for name in ("batch_b16", "batch_cifar", "rounds", "num_images", "batch_size", "minutes"):
-        if getattr(args, name, 1) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, "
-                             f"got {getattr(args, name)}")
+        value = getattr(args, name, 1)
+        if not (math.isfinite(value) and value > 0):  # not nan or inf minutes: they never end
+            raise ValueError(f"--{name.replace('_', '-')} must be positive and finite, "
+                             f"got {value}")
     if getattr(args, "workers", 0) < 0:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA GPU that PyTorch can use; "
+                         "use --device cpu")
     torch.manual_seed(0)
     {"model": bench_model, "data": bench_data, "recipe": bench_recipe}[args.what](args)
 

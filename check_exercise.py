@@ -11,15 +11,21 @@ NaN/inf, values or dtype) and, when the output matches a known mistake (computed
 weights), a hint for it. The report is in Chinese, like the guide.
 
 The student's file runs in a separate process (this checker never imports it), with a time limit
-for the import and for each module (--timeout): an exception, an exit (sys.exit, os._exit) or an
-endless loop there is reported as a failure, and only this process prints the summary.
+for the import and for each module (--timeout) and a memory limit (--memory-gb): an exception, an
+exit (sys.exit, os._exit), an endless loop or a runaway allocation there is reported as a failure,
+and only this process prints the summary. The process runs in a session of its own, ended as a
+whole at the end of the check: no process the student's code starts outlives it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import multiprocessing as mp
+import os
+import resource
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -36,6 +42,7 @@ import vit_model as ref
 
 TOL = 1e-5
 TIMEOUT = 60.0  # seconds for the import and for each module; --timeout changes it
+MEMORY_GB = 8.0  # the worker's address space (torch alone takes about 3 GiB); --memory-gb
 STARTUP = 120.0  # seconds to start the worker process and import torch there, not the student's
 NAMES = ("PatchEmbed", "Attention", "MLP", "Block", "VisionTransformer")
 # The small model every check uses: 8x8 images, 4x4 patches (N = 4), D = 8, 2 heads, M = 16.
@@ -56,6 +63,7 @@ def load_module(path: str | Path) -> ModuleType:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"找不到文件 {path}")
+    sys.path.insert(0, str(path.resolve().parent))  # its neighbours import, as in `python file.py`
     spec = importlib.util.spec_from_file_location(f"student_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses and pickling look their module up there
@@ -204,10 +212,13 @@ GENERAL_HINTS = {
 
 NON_FINITE_HINT = ("NaN/inf 通常来自除以 0、对负数开方、log(0) 或数值溢出；"
                    "检查缩放和 softmax 的写法")
-DTYPE_HINT = "输入和权重都是 float32；不要用 .double()、numpy 或 dtype=... 改变输出的类型"
+DTYPE_HINT = ("输入和权重都是 float32；不要用 .double()、numpy、dtype=... "
+              "或 torch.set_default_dtype 改变参数或输出的类型")
 EXIT_HINT = ("你的代码在检查器的子进程里运行：不要调用 sys.exit()、exit() 或 os._exit()"
              "（演示代码放进 if __name__ == \"__main__\": 里）")
 TIMEOUT_HINT = "检查循环能否结束：这里的模型很小，每个模块都应当在一秒内算完"
+MEMORY_HINT = ("内存超过了检查器的上限（--memory-gb）：这里的模型很小，"
+               "检查是否创建了过大的张量或列表")
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,26 +259,39 @@ def _where(exc: BaseException, path: Path) -> str:
 def _what(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
         return f"调用了 sys.exit() 或 exit()（SystemExit: {exc.code}）"
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def check_one(name: str, student: ModuleType, path: Path) -> Result:
+def _hint(exc: BaseException) -> str:
+    return (EXIT_HINT if isinstance(exc, SystemExit)
+            else MEMORY_HINT if isinstance(exc, MemoryError) else "")
+
+
+def make_reference(name: str) -> tuple[nn.Module, Tensor, Tensor]:
+    """The reference module, with random non-zero weights (so that no mistake hides behind a zero),
+    its input and its output."""
+    torch.manual_seed(0)
+    module = _build(name, getattr(ref, name)).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+        x = _input(name)
+        return module, x, _output(module, x)
+
+
+def check_one(name: str, student: ModuleType, path: Path,
+              made: tuple[nn.Module, Tensor, Tensor]) -> Result:
+    """`made`: make_reference(name), called before the student's code ran (see _worker)."""
     cls = getattr(student, name, None)
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         return Result(name, False, f"{path.name} 里没有 nn.Module 子类 {name}")
-    torch.manual_seed(0)
-    reference = _build(name, getattr(ref, name)).eval()
-    # random, non-zero values everywhere, so that no mistake hides behind a zero
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.normal_(0, 0.5)
+    reference, x, expected = made
     try:
         mine = _build(name, cls).eval()
     except NotImplementedError:
         return Result(name, False, "还没有实现（__init__ 里是 raise NotImplementedError）")
     except BaseException as e:  # SystemExit and KeyboardInterrupt too
-        return Result(name, False, f"构造 {name} 时出错{_where(e, path)}：{_what(e)}",
-                      EXIT_HINT if isinstance(e, SystemExit) else "")
+        return Result(name, False, f"构造 {name} 时出错{_where(e, path)}：{_what(e)}", _hint(e))
     theirs, ours = mine.state_dict(), reference.state_dict()
     missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
     shapes = [f"{k}: 应为 {tuple(ours[k].shape)}，实际 {tuple(theirs[k].shape)}"
@@ -278,17 +302,17 @@ def check_one(name: str, student: ModuleType, path: Path) -> Result:
         return Result(name, False, "参数名或形状与参考实现不同：" + "；".join(parts),
                       "属性名要与 exercise_vit.py 的说明一致（proj、qkv、fc1、fc2、norm1、attn、"
                       "norm2、mlp、patch_embed、cls_token、pos_embed、blocks、norm、head）")
+    if wrong := [k for k in ours if theirs[k].dtype != ours[k].dtype]:
+        return Result(name, False, f"参数的 dtype 不对：{wrong[0]} 是 {theirs[wrong[0]].dtype}，"
+                                   f"应为 {ours[wrong[0]].dtype}", DTYPE_HINT)
     mine.load_state_dict(ours)
-    x = _input(name)
     with torch.no_grad():
-        expected = _output(reference, x)
         try:
-            got = _output(mine, x)
+            got = _output(mine, x.clone())
         except NotImplementedError:
             return Result(name, False, "还没有实现（forward 里是 raise NotImplementedError）")
         except BaseException as e:
-            return Result(name, False, f"前向计算出错{_where(e, path)}：{_what(e)}",
-                          EXIT_HINT if isinstance(e, SystemExit) else "")
+            return Result(name, False, f"前向计算出错{_where(e, path)}：{_what(e)}", _hint(e))
         if not isinstance(got, Tensor):
             return Result(name, False, f"forward 应返回张量，实际返回 {type(got).__name__}")
         matched = [(key, hint) for key, fn, hint in MISTAKES[name]
@@ -313,14 +337,22 @@ def check_one(name: str, student: ModuleType, path: Path) -> Result:
     return Result(name, True, f"通过（形状 {tuple(got.shape)}，最大差 {err:.1e}）")
 
 
-def _worker(path: Path, conn: Connection) -> None:
+def _worker(path: Path, conn: Connection, memory_gb: float) -> None:
     """In the worker process: send each step's name as it starts ("import", then the modules),
-    then its Result (as a dict); stop at the first that fails."""
+    then its Result (as a dict); stop at the first that fails. Not cheat-proof: code that sends
+    results of its own or patches vit_model here fools only its author."""
     def send(message: str | Result) -> None:
         conn.send(message if isinstance(message, str) else vars(message))
 
+    os.setsid()  # a process group of its own, ended as a whole by check()
+    with contextlib.suppress(ValueError, OSError):  # a lower limit set before stays
+        limit = int(memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # beyond it, MemoryError
     for stream in (sys.stdout, sys.stderr):  # the student's prints show even if the worker dies
         stream.reconfigure(line_buffering=True)
+    # before the student's code runs: its global torch state (set_default_dtype, a default device)
+    # cannot reach the reference
+    references = {name: make_reference(name) for name in NAMES}
     send("import")
     try:
         student = load_module(path)
@@ -328,12 +360,11 @@ def _worker(path: Path, conn: Connection) -> None:
         return send(Result("import", False, f"导入 {path.name} 时就遇到了 NotImplementedError："
                                             "不要在模块顶层调用未实现的代码"))
     except BaseException as e:  # SystemExit and KeyboardInterrupt too
-        return send(Result("import", False, f"无法导入 {path}：{_what(e)}",
-                           EXIT_HINT if isinstance(e, SystemExit) else ""))
+        return send(Result("import", False, f"无法导入 {path}：{_what(e)}", _hint(e)))
     for name in NAMES:
         send(name)
         try:
-            result = check_one(name, student, path)
+            result = check_one(name, student, path, references[name])
         except BaseException as e:  # anything the student's code broke on the way
             result = Result(name, False, f"检查 {name} 时出错：{_what(e)}")
         send(result)
@@ -350,12 +381,14 @@ else:
     CONTEXT = mp.get_context("spawn")
 
 
-def check(path: str | Path, timeout: float = TIMEOUT) -> list[Result]:
-    """Check the five modules in order, in a worker process; stop at the first that fails, that
-    takes longer than `timeout` seconds, or ends the process."""
+def check(path: str | Path, timeout: float = TIMEOUT, memory_gb: float = MEMORY_GB
+          ) -> list[Result]:
+    """Check the five modules in order, in a worker process that may use `memory_gb` GiB of address
+    space; stop at the first that fails, that takes longer than `timeout` seconds, or ends the
+    process."""
     path = Path(path)
     receiver, sender = CONTEXT.Pipe(duplex=False)
-    worker = CONTEXT.Process(target=_worker, args=(path, sender))
+    worker = CONTEXT.Process(target=_worker, args=(path, sender, memory_gb))
     worker.start()
     sender.close()  # the worker holds the only sending end now: recv() fails once it is gone
     results, step, limit = [], "import", max(timeout, STARTUP)
@@ -380,14 +413,16 @@ def check(path: str | Path, timeout: float = TIMEOUT) -> list[Result]:
                 results.append(Result(**message))
                 if not results[-1].ok or len(results) == len(NAMES):
                     break
-    finally:
-        worker.kill()  # whatever it still does (threads, atexit handlers, a loop)
+    finally:  # end whatever it still does (threads, a loop) and every process it started
+        with contextlib.suppress(ProcessLookupError):  # none left, or not yet in its own group
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.kill()
         worker.join()
         receiver.close()
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", nargs="?", default="exercise_vit.py",
@@ -396,10 +431,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=TIMEOUT, metavar="SECONDS",
                    help=f"time limit for importing the file and for each module "
                         f"(default {TIMEOUT:g})")
+    p.add_argument("--memory-gb", type=float, default=MEMORY_GB, metavar="GIB",
+                   help=f"address space the file's code may use, torch included "
+                        f"(default {MEMORY_GB:g})")
     args = p.parse_args(argv)
     if not 0 < args.timeout <= 86400:
         p.error("--timeout must be more than 0 and at most 86400 seconds (a day)")
-    results = check(args.file, args.timeout)
+    if not 4 <= args.memory_gb <= 2**20:
+        p.error("--memory-gb must be at least 4 (torch alone takes about 3) and at most 2**20")
+    if not Path(args.file).is_file():
+        raise FileNotFoundError(f"no such file: {args.file}")
+    results = check(args.file, args.timeout, args.memory_gb)
     for r in results:
         print(f"{'✓' if r.ok else '✗'} {r.name}：{r.message}")
         if r.hint:
@@ -410,6 +452,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{passed}/{len(NAMES)} 个模块通过；改好上面这一个再运行一次。")
     return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: a missing file is one line `error: ...` and exit code 2."""
+    # imported here, not above: every worker imports this file, and runtime brings torchvision
+    from runtime import run_cli
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

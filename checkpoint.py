@@ -16,6 +16,7 @@ An exported file holds only the inference part, in half precision, with a JSON c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -98,12 +99,15 @@ def atomic_save(obj: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"cannot write {path} ({reason}); {kept}") from e
 
 
-def save_run(state: dict[str, Any], run_dir: Path, is_best: bool) -> None:
+def save_run(state: dict[str, Any], run_dir: Path, is_best: bool, first: bool = False) -> None:
     """last.pt after every epoch, then best.pt when the epoch is the best so far (a crash between
-    the two is mended by repair_best on resume)."""
+    the two is mended by repair_best on resume). A new run's first save also removes a best.pt
+    of the earlier run it replaces (--overwrite)."""
     atomic_save(state, run_dir / "last.pt")
     if is_best:
         atomic_save(state, run_dir / "best.pt")
+    elif first:
+        (run_dir / "best.pt").unlink(missing_ok=True)
 
 
 def check_writable(folder: Path, files: tuple[str, ...] = ()) -> None:
@@ -156,7 +160,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
             isinstance(norm, dict) and all(_numbers(norm.get(k)) for k in ("mean", "std")))):
         raise CheckpointError(f"{p} is damaged: its model_config must be a dict and its "
                               f"normalize a dict of 'mean' and 'std' lists of numbers")
-    if check_card and card_path(p).is_file():
+    if check_card and (card_path(p).exists() or card_path(p).is_symlink()):
         verify_card(p)
     return ckpt
 
@@ -174,7 +178,7 @@ def repair_best(run_dir: Path, ckpt: dict[str, Any]) -> None:
     hist = ckpt["history"]
     if not (hist and hist[-1].get("eval_acc") == ckpt["best_acc"] and ckpt["best_acc"] > 0):
         return  # the last epoch was not the best: best.pt was not due to change
-    held = load_checkpoint(best)["best_acc"] if best.is_file() else None
+    held = load_checkpoint(best).get("best_acc") if best.is_file() else None
     if held != ckpt["best_acc"]:
         atomic_save(ckpt, best)
         print(f"repaired {best}: it now holds epoch {ckpt['epoch']} "
@@ -198,15 +202,17 @@ def new_run_dir(out_dir: str | Path, run_name: str, default: str) -> Path:
     raise ValueError(f"no free run folder {default}-N in {out_dir}; pass --run-name")
 
 
-def open_run_dir(run_dir: Path, resumed: dict[str, Any] | None, overwrite: bool = False
-                 ) -> IO[str]:
-    """Before the first step: the run folder is writable and held by this process alone (a lock
-    on RUN/.lock, released when the process ends, however it ends); a new run refuses a folder
-    that holds an earlier run's checkpoints (unless `overwrite`, which removes them first); a
-    resumed run's best.pt is repaired if a crash interrupted its write. Returns the lock: keep it
-    open while the run writes."""
+def hold_run_dir(run_dir: Path, new_run: bool, overwrite: bool = False) -> IO[str]:
+    """Before anything is read or written: the run folder is writable and held by this process
+    alone (a lock on RUN/.lock, released when the process ends, however it ends), and a new run
+    refuses a folder that holds an earlier run's checkpoints unless `overwrite` (they are then
+    replaced by the new run's first save). Returns the lock: keep it open while the run writes."""
     check_writable(run_dir, ("last.pt", "best.pt"))
-    lock = open(run_dir / ".lock", "w")
+    try:  # O_NOFOLLOW: a planted symlink cannot make the lock truncate another file
+        fd = os.open(run_dir / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ValueError(f"cannot create the lock file {run_dir / '.lock'}: {e.strerror}") from e
+    lock = os.fdopen(fd, "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -215,18 +221,35 @@ def open_run_dir(run_dir: Path, resumed: dict[str, Any] | None, overwrite: bool 
                          f"{run_dir / '.lock'}); wait for it to end or choose another "
                          f"--run-name") from None
     saved = [run_dir / name for name in ("last.pt", "best.pt") if (run_dir / name).exists()]
-    if resumed is None and saved:
-        if not overwrite:
-            lock.close()
-            resume = run_dir / "last.pt" if (run_dir / "last.pt").exists() else saved[0]
-            raise ValueError(f"{run_dir} already holds a run ({', '.join(p.name for p in saved)})"
-                             f"; continue it with `python train_cifar10.py --resume {resume}`, "
-                             f"choose another --run-name, or pass --overwrite to replace it")
-        for path in saved:
-            path.unlink()
-    if resumed is not None:
-        repair_best(run_dir, resumed)
+    if new_run and saved and not overwrite:
+        lock.close()
+        resume = run_dir / "last.pt" if (run_dir / "last.pt").exists() else saved[0]
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(p.name for p in saved)}); "
+                         f"continue it with `python train_cifar10.py --resume {resume}`, choose "
+                         f"another --run-name, or pass --overwrite to replace it")
     return lock
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """After the lock is closed: a run folder left with nothing but its lock (a run that failed
+    before its first save) is removed; any other folder keeps its lock file."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in run_dir.iterdir()] == [".lock"]:
+            (run_dir / ".lock").unlink()
+            run_dir.rmdir()
+
+
+def check_resume_point(path: Path, ckpt: dict[str, Any]) -> None:
+    """Resuming from a file other than the folder's last.pt (best.pt, say) must not throw away
+    the later epochs that last.pt holds."""
+    last = path.parent / "last.pt"
+    if path.name == "last.pt" or not last.is_file():
+        return
+    later = load_checkpoint(last, mmap=True, check_card=False).get("epoch", 0)
+    if later > ckpt["epoch"]:
+        raise ValueError(f"--resume {path}: {last} holds a later epoch ({later}) than this file "
+                         f"({ckpt['epoch']}), and continuing from this file would replace it; "
+                         f"resume {last}, or copy {path.name} into a new folder to branch from it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,6 +412,12 @@ def export_weights(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
 def check_export_path(path: Path, overwrite: bool = False) -> None:
     """An export may write a new file, or replace an earlier export if `overwrite`; never a
     training run's checkpoint, a folder, or a place that cannot be written."""
+    if path.suffix != ".pt":  # its card is PATH.json: never the file itself, nor another's card
+        raise ValueError(f"--export {path}: name a .pt file (its card is written beside it as "
+                         f"{path.stem}.json)")
+    if path.name in ("last.pt", "best.pt"):
+        raise ValueError(f"--export {path}: last.pt and best.pt are the names of a training "
+                         f"run's checkpoints; choose another name")
     check_writable(path.parent)
     for target in (path, card_path(path)):
         if target.is_dir():
@@ -415,12 +444,23 @@ def export(ckpt: dict[str, Any], path: Path, measure: Callable[[dict[str, Any]],
     card. It never writes onto a run's checkpoint, and onto an earlier export only if
     `overwrite`."""
     check_export_path(path, overwrite)
-    export_weights(ckpt, path)
-    shipped = load_checkpoint(path, check_card=False)
-    facts = measure(shipped)
-    card = {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
-            "dtype": "float16", "parameters": sum(v.numel() for v in shipped["model"].values()),
-            "model_config": shipped["model_config"], "classes": shipped["classes"],
-            "normalize": shipped["normalize"], **facts, "date": time.strftime("%Y-%m-%d")}
-    card_path(path).write_text(json.dumps(card, indent=1) + "\n")
+    # written under temporary names and renamed at the end: an interrupted export leaves an
+    # earlier export (weights and card) as it was
+    new, new_card = path.with_name(path.name + ".new"), card_path(path).with_name(
+        card_path(path).name + ".new")
+    try:
+        export_weights(ckpt, new)
+        shipped = load_checkpoint(new, check_card=False)
+        facts = measure(shipped)
+        card = {"file": path.name, "sha256": sha256_of(new), "bytes": new.stat().st_size,
+                "dtype": "float16",
+                "parameters": sum(v.numel() for v in shipped["model"].values()),
+                "model_config": shipped["model_config"], "classes": shipped["classes"],
+                "normalize": shipped["normalize"], **facts, "date": time.strftime("%Y-%m-%d")}
+        new_card.write_text(json.dumps(card, indent=1) + "\n")
+        os.replace(new, path)
+        os.replace(new_card, card_path(path))
+    finally:
+        new.unlink(missing_ok=True)
+        new_card.unlink(missing_ok=True)
     return card

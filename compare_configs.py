@@ -27,7 +27,8 @@ Outputs: by default OUT is outputs/results and FIG_DIR outputs/figures (not trac
 the checkpoints go to checkpoints/compare. The tables and plots of the guide (README.md, section
 10), committed in results/ and figures/, are regenerated with `--out results --fig-dir figures`.
 --set changes any other setting of the baseline: the seeds, the budget and where files go are
-set by the study and by the flags below.
+set by the study and by the flags below, and a setting the chosen studies vary (the patch size of
+`patch`, ...) stays theirs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -102,6 +104,22 @@ class Study:
     question: str
     runs: list[Run]
     plot: str = "bars"  # "bars" or "lines" (accuracy vs x, one line per Run.line)
+
+
+def varied_settings(study: Study) -> dict[str, Run]:
+    """The settings the runs of a study change, each with the first run that changes it: what the
+    study compares, so --set may not change them. The ViT-only settings that a CNN run resets
+    (as_cnn()) are not among them: a --set of those changes the ViT runs, and the CNN runs undo
+    it."""
+    cnn = as_cnn()
+    varied: dict[str, Run] = {}
+    for run in study.runs:
+        is_cnn = run.changes.get("model") == cnn["model"]
+        for name, value in run.changes.items():
+            resets_vit_only = is_cnn and name != "model" and name in cnn and cnn[name] == value
+            if not resets_vit_only:
+                varied.setdefault(name, run)
+    return varied
 
 
 def baseline(label: str, **plot: Any) -> list[Run]:
@@ -269,6 +287,8 @@ class Results:
     def __init__(self, out: Path, study: str) -> None:
         self.path = out / f"{study}.json"
         self.lock_path = out / f".{study}.json.lock"
+        self.tmp_path = out / f"{study}.json.tmp"  # written whole, then renamed to self.path
+        self.table_path = out / f"{study}.md"
         self.rows = read_rows(self.path)
 
     def find(self, key: str) -> dict[str, Any] | None:
@@ -281,10 +301,9 @@ class Results:
             self.rows = read_rows(self.path)  # with the rows other processes added meanwhile
             if not any(r["key"] == row["key"] and r["label"] == row["label"] for r in self.rows):
                 self.rows.append(row)  # (unless another process just added the same run)
-            tmp = self.path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"study": self.path.stem, "rows": self.rows}, indent=1)
-                           + "\n")
-            os.replace(tmp, self.path)  # readers see the old file or the new one, never half
+            self.tmp_path.write_text(
+                json.dumps({"study": self.path.stem, "rows": self.rows}, indent=1) + "\n")
+            os.replace(self.tmp_path, self.path)  # readers see the old file or the new, never half
 
 
 def check_machine(rows: list[dict[str, Any]], ref: float, where: str) -> None:
@@ -310,6 +329,19 @@ def check_folder(folder: Path, option: str) -> None:
     except OSError as e:
         raise ValueError(f"{option} {folder}: cannot write there ({e.strerror or e}); give a "
                          f"folder you can write to") from e
+
+
+def plot_path(fig_dir: Path, study: str) -> Path:
+    return fig_dir / f"study_{study}.png"
+
+
+def check_not_folders(paths: list[Path], option: str) -> None:
+    """Files a study writes, in the folder of `option`, must not be folders: a folder in the way
+    would fail only when the file is written, after a run has trained."""
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, where a file goes: move it away, or give "
+                             f"another {option}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,6 +403,9 @@ def run_studies(args: argparse.Namespace) -> None:
                            ("--checkpoint-dir", args.checkpoint_dir)):
         check_folder(Path(folder), option)
     plans = [(STUDIES[name], Results(out, name)) for name in args.study]
+    for s, res in plans:
+        check_not_folders([res.path, res.lock_path, res.tmp_path, res.table_path], "--out")
+        check_not_folders([plot_path(Path(args.fig_dir), s.name)], "--fig-dir")
     for path in sorted(out.glob("*.json")):  # the other studies' rows, reused below
         read_rows(path)
     todo = [(s, res, i) for s, res in plans for i, _ in enumerate(s.runs)
@@ -518,9 +553,9 @@ def report(study: Study, res: Results, fig_dir: Path) -> None:
         return
     text = table(study, res)
     print("\n" + text)
-    (res.path.with_suffix(".md")).write_text(text)
-    plot(study, res, fig_dir / f"study_{study.name}.png")
-    print(f"table {res.path.with_suffix('.md')}, plot {fig_dir / f'study_{study.name}.png'}")
+    res.table_path.write_text(text)
+    plot(study, res, plot_path(fig_dir, study.name))
+    print(f"table {res.table_path}, plot {plot_path(fig_dir, study.name)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,7 +580,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="change the baseline of every run, e.g. --set batch_size=256 "
                         "model=vit_cifar_small (not the seeds, the budget or where files go: "
-                        "the study and the flags here set those)")
+                        "the study and the flags here set those; nor a setting the chosen "
+                        "studies vary)")
     p.add_argument("--out", default="outputs/results",
                    help="folder of the results files STUDY.json and tables STUDY.md (default: "
                         "outputs/results; the guide's own tables: --out results)")
@@ -577,7 +613,8 @@ def _main(argv: list[str]) -> None:
         raise ValueError("name at least one --study (or --list to see them)")
     if args.budget_min is None and args.epochs is None:
         raise ValueError("give the budget of every run: --budget-min M (equal time) or --epochs E")
-    if args.budget_min is not None and not args.budget_min > 0:
+    if args.budget_min is not None and not (math.isfinite(args.budget_min)
+                                            and args.budget_min > 0):
         raise ValueError(f"--budget-min must be a positive number of minutes, got "
                          f"{args.budget_min}")
     if args.epochs is not None and args.epochs < 1:
@@ -586,6 +623,13 @@ def _main(argv: list[str]) -> None:
     for name in args.set:
         if name in STUDY_SETS:
             raise ValueError(f"--set {name}: the study sets it; {STUDY_SETS[name]}")
+        for study in args.study:
+            run = varied_settings(STUDIES[study]).get(name)
+            if run is not None:
+                raise ValueError(
+                    f"--set {name}: the {study} study varies it (its run {run.label!r} sets "
+                    f"{name}={run.changes[name]}); a --set would change its other runs too, "
+                    f"the baseline included, and mislabel their rows: leave it out")
     run_studies(args)
 
 

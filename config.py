@@ -268,6 +268,10 @@ def validate(cfg: TrainConfig) -> None:
         finite = not isinstance(value, float) or math.isfinite(value)
         if not (isinstance(value, (int, float, type(None))) and finite and ok(value)):
             raise ValueError(f"{flag(name)} must be {rule}, got {value}")
+    if cfg.run_name and (cfg.run_name in (".", "..") or "/" in cfg.run_name
+                         or "\\" in cfg.run_name):
+        raise ValueError(f"--run-name must be a folder name inside --out-dir (no '/', not '.' or "
+                         f"'..'), got {cfg.run_name!r}")
     if cfg.min_lr > cfg.lr:
         raise ValueError(f"--min-lr must not exceed --lr (the decay goes from --lr down to "
                          f"--min-lr), got {cfg.min_lr} > {cfg.lr}")

@@ -70,6 +70,9 @@ class _BatchUnpickler(pickle.Unpickler):
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
                ("numpy.core.multiarray", "_reconstruct"),  # as numpy 1 (and Python 2) names it
                ("numpy._core.multiarray", "_reconstruct"),  # numpy 2
+               # numpy scalars (labels saved as numpy ints), and bytes in pickle protocols 0-2
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("_codecs", "encode"),
                # what numpy writes with pickle protocol 5 (Python 3.14's default)
                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 

@@ -19,6 +19,17 @@ def pyplot():
     return plt
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
+    """Write a figure (and close it); a failed write names the file."""
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=dpi)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        pyplot().close(fig)
+
+
 def save_confusion_png(confusion: Tensor, classes: tuple[str, ...], path: Path, title: str) -> None:
     plt = pyplot()
     cm = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
@@ -34,9 +45,7 @@ def save_confusion_png(confusion: Tensor, classes: tuple[str, ...], path: Path, 
     ax.set_ylabel("true class")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="fraction of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_curve_png(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -61,6 +70,4 @@ def save_curve_png(history: list[dict[str, Any]], path: Path, title: str) -> Non
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -31,9 +31,14 @@ def run_cli(main: Callable[[list[str]], T], argv: list[str] | None = None,
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return main(argv)
-    except BrokenPipeError:  # `... | head`: the reader has gone, nothing more to say
+    except BrokenPipeError:  # `... | head`, or a pager that quit: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(1) from None
+        print("error: the output was closed (`| head` or a pager that quit), so the command "
+              "stopped; what it had saved is kept", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and exits itself)
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except USER_ERRORS as e:
         if "--debug" in argv or os.environ.get("VIT_DEBUG"):
             raise

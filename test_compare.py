@@ -157,9 +157,10 @@ def test_every_study_builds_valid_configs_that_change_one_thing():
                 mcfg = tc.model_config_of(cfg, 10)
                 assert mflops == estimate_flops(mcfg)["total"] / 1e6
         assert len(keys) == len(study.runs)  # no run twice within a study
-    # the baseline is one run, the same in every study (so it is trained once and reused)
+    # the baseline is one run, the same in every study (so it is trained once and reused), but
+    # in the transfer study, whose baseline learns the five target classes
     assert len({cc.run_key(cc.run_config(r, BUDGET, cc.BASE))
-                for s in cc.STUDIES.values() for r in s.runs
+                for s in cc.STUDIES.values() if s.name != "transfer" for r in s.runs
                 if r.baseline and r.seed == 0}) == 1
     assert cc.BASE["val_split"] == 5000 and cc.BASE["optimizer"] == "adamw"
 
@@ -300,6 +301,8 @@ def test_rows_from_a_machine_of_another_speed_are_refused(data_dir, tmp_path, mo
     (["--study", "nope", "--epochs", "1"], "invalid choice: 'nope'"),
     (["--study", "patch", "--budget-min", "0"], "--budget-min must be a positive number"),
     (["--study", "patch", "--budget-min", "-3"], "--budget-min must be a positive number"),
+    (["--study", "patch", "--budget-min", "inf"], "--budget-min must be a positive number"),
+    (["--study", "patch", "--budget-min", "nan"], "--budget-min must be a positive number"),
     (["--study", "patch"], "--budget-min M (equal time) or --epochs E"),
     (["--study", "patch", "--epochs", "0"], "--epochs must be at least 1"),
     (["--study", "patch", "--epochs", "1", "--budget-min", "2"], "not allowed with argument"),
@@ -343,7 +346,7 @@ def fake_training(monkeypatch, fast_machine) -> list[tuple[str, str, int]]:
     """Runs that finish at once with a made-up row; the list of (study, label, seed) trained."""
     trained: list[tuple[str, str, int]] = []
 
-    def train_run(study, run, cfg, args, data):
+    def train_run(study, run, cfg, args, data, rows):
         trained.append((study, run.label, run.seed))
         return Path(args.checkpoint_dir) / study / f"{study}-{cc.run_key(cfg)}"
 
@@ -449,6 +452,60 @@ def test_settings_the_study_controls_are_refused_in_set(data_dir, tmp_path, monk
     assert fake_training == [] and not (tmp_path / "res").exists()
 
 
+@pytest.mark.parametrize("studies, setting", [
+    (["patch"], "patch_size=8"), (["posembed"], "pos_embed=none"),
+    (["data"], "train_fraction=0.1"), (["data"], "model=vit_cifar_small"),
+    (["classifier"], "lr=3e-4"), (["transfer"], "val_split=100"),
+    (["patch", "size"], "embed_dim=64"),
+])
+def test_a_setting_the_study_varies_is_refused_in_set(data_dir, tmp_path, fake_training, capsys,
+                                                      studies, setting):
+    """Before: no res/. `--set` of a setting that a run of the study changes (it was accepted:
+    `--study patch --set patch_size=8` trained the 'P=4 (baseline)' rows with P=8). After: one
+    line `error: --set NAME:` naming the study, nothing trained, no res/ folder."""
+    name = setting.split("=")[0]
+    with pytest.raises(SystemExit) as e:
+        cc.main(["--study", *studies, "--epochs", "1", "--data-dir", str(data_dir),
+                 "--out", str(tmp_path / "res"), "--set", setting])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --set {name}: ") and err.count("\n") == 1
+    assert f"the {studies[-1]} study varies it" in err
+    assert fake_training == [] and not (tmp_path / "res").exists()
+
+
+def test_a_vit_only_setting_stays_allowed_in_set_for_the_data_study(data_dir, tmp_path,
+                                                                   fake_training):
+    """`--set embed_dim=64` with the data study: the ViT runs train at D=64, the CNN runs undo it
+    (as_cnn()); every run of the study trains."""
+    tiny = [s for s in SMALL if not s.startswith(("embed_dim=", "val_split="))]
+    cc.main(["--study", "data", "--epochs", "1", "--data-dir", str(data_dir), "--out",
+             str(tmp_path / "res"), "--fig-dir", str(tmp_path / "fig"), "--checkpoint-dir",
+             str(tmp_path / "ck"), "--set", *tiny, "embed_dim=64"])
+    assert len(fake_training) == len(cc.STUDIES["data"].runs)
+    got = {(r["config"]["model"], r["config"]["embed_dim"]) for r in rows(tmp_path, "data")}
+    assert got == {("vit_cifar_tiny", 64), ("resnet_cifar", TrainConfig().embed_dim)}
+
+
+@pytest.mark.parametrize("folder", ["res/two.json", "res/two.json.tmp", "res/.two.json.lock",
+                                    "res/two.md", "fig/study_two.png"])
+def test_a_folder_where_an_output_file_goes_fails_before_the_first_run(
+        data_dir, tmp_path, monkeypatch, fake_training, capsys, folder):
+    """Before: FOLDER (where the study writes its rows, their temporary or lock file, its table
+    or its plot) is an empty folder. After: one line `error:` naming it, nothing trained, no
+    results file written, FOLDER still an empty folder (it failed after the first run, or after
+    all of them, leaving res/two.json.tmp)."""
+    tiny_study(monkeypatch, "two", cc.baseline("base"))
+    (tmp_path / folder).mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        compare(tmp_path, data_dir, "--study", "two", "--epochs", "1")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert f"{tmp_path / folder} is a folder" in err
+    assert fake_training == [] and list((tmp_path / folder).iterdir()) == []
+    assert not (tmp_path / "res" / "two.json").is_file()
+    assert not (tmp_path / "res" / "two.json.tmp").is_file()
+
+
 @pytest.mark.parametrize("option", ["--out", "--fig-dir", "--checkpoint-dir"])
 @pytest.mark.parametrize("where", ["file", "file/below"])
 def test_an_output_folder_that_cannot_be_written_fails_before_the_first_run(
@@ -506,9 +563,10 @@ def test_the_transfer_study_fine_tunes_from_its_own_source_runs(data_dir, tmp_pa
     runs = [dataclasses.replace(r, changes={**r.changes, "val_split": min(
         r.changes["val_split"], 20)}) for r in cc.STUDIES["transfer"].runs]
     tiny_study(monkeypatch, "transfer", runs, "lines")
+    without_val_split = [s for s in SMALL if not s.startswith("val_split=")]  # the study varies it
     cc.main(["--data-dir", str(data_dir), "--out", str(tmp_path / "res"), "--fig-dir",
              str(tmp_path / "fig"), "--checkpoint-dir", str(tmp_path / "ck"), "--study",
-             "transfer", "--epochs", "1", "--set", *SMALL, "batch_size=4"])
+             "transfer", "--epochs", "1", "--set", *without_val_split, "batch_size=4"])
     got = {r["label"]: r for r in rows(tmp_path, "transfer")}
     assert len(got) == len(runs) - 1  # the baseline's two seeds share a label
     source = load_checkpoint(Path(got["ViT source, 5 classes"]["run_dir"]) / "best.pt")

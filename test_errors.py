@@ -99,6 +99,10 @@ def world(tmp_path_factory, batches_dir, trained_run, make_image_folder, classes
     blob[len(blob) // 2] ^= 1
     (root / "flipped.pt").write_bytes(bytes(blob))
     (root / "badcard.json").write_text('{"sha256": ')
+    shutil.copy(w["last"], root / "runcopy.pt")
+    (root / "adir.pt").mkdir()
+    shutil.copy(SHIPPED_MODEL, root / "cardfolder.pt")
+    (root / "cardfolder.json").mkdir()
     (root / "listcard.json").write_text("[1, 2]")
     # a folder where a file should go: the confusion matrix, a figure
     (root / "runs" / "pngdir").mkdir()
@@ -230,13 +234,23 @@ CASES = [
      "--out-dir cannot be given with --resume"),
     ("train", ["--resume", "{last}", "--run-name", "other"], "--run-name cannot be given"),
     ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export", "{last}"],
-     "is a training run's checkpoint"),
+     "are the names of a training run's checkpoints"),
     ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export", "{best}"],
-     "is a training run's checkpoint"),
+     "are the names of a training run's checkpoints"),
+    ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export", "{root}/runcopy.pt",
+               "--overwrite"], "is a training run's checkpoint"),
     ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export", "{root}/shipped.pt"],
      "shipped.pt exists; ... --overwrite"),
-    ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export", "{root}/runs"],
-     "is a folder"),
+    ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export", "{root}/adir.pt"],
+     "adir.pt is a folder"),
+    ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export", "{root}/model.json"],
+     "name a .pt file"),
+    ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export",
+               "{root}/runs/good/last.fp16"], "name a .pt file"),
+    ("train", ["--eval-only", "{best}", "--data-dir", "{data}", "--export", "{root}/new/best.pt"],
+     "the names of a training run's checkpoints"),
+    ("train", [*TRAIN[:-2], "--run-name", "../escaped"], "--run-name must be a folder name"),
+    ("train", [*TRAIN[:-2], "--run-name", ".."], "--run-name must be a folder name"),
     # damaged files: checkpoints, model cards, a folder where a file goes
     ("train", ["--eval-only", "{root}/bad_config.pt", "--data-dir", "{data}"],
      "bad_config.pt is damaged"),
@@ -253,6 +267,8 @@ CASES = [
      "cannot read the model card ... badcard.json"),
     ("figures", ["--checkpoint", "{root}/listcard.pt", "--images", "{img}"],
      "listcard.json is not a model card"),
+    ("figures", ["--checkpoint", "{root}/cardfolder.pt", "--images", "{img}"],
+     "cannot read the model card ... cardfolder.json"),
     ("figures", ["--checkpoint", "{best}", "--images", "{img}", "--out-dir", "{root}/figs_blocked"],
      "fig7_embedding_filters.png"),
     # benchmark.py
@@ -600,3 +616,90 @@ def test_a_closed_pipe_ends_quietly(repo, world):
            f"{world['root'] / 'pipe_figs'} | head -1")
     proc = subprocess.run(cmd, shell=True, cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.stdout.startswith("model: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: the output was closed" in proc.stderr
+
+
+def test_resuming_an_earlier_file_never_discards_later_epochs(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    last = torch.load(run / "last.pt", weights_only=True)
+    torch.save({**last, "epoch": 5}, run / "last.pt")  # last.pt is 4 epochs ahead of best.pt
+    before = (run / "last.pt").read_bytes()
+    code, err = run_cli(tc.main, ["--resume", str(run / "best.pt"), "--epochs", "8"], capsys)
+    assert code == 2 and "holds a later epoch (5)" in err, err
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_the_run_folder_is_held_before_the_checkpoint_is_read(trained_run, tmp_path,
+                                                               monkeypatch):
+    import fcntl
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    held_while_reading = []
+    real = tc.load_checkpoint
+
+    def spy(path, *args, **kwargs):
+        if kwargs.get("mmap"):  # the look at the file's kind, before its folder is touched
+            return real(path, *args, **kwargs)
+        with open(run / ".lock", "a") as other:  # another process trying to take the run
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held_while_reading.append(False)
+            except BlockingIOError:
+                held_while_reading.append(True)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(tc, "load_checkpoint", spy)
+    tc.train(TrainConfig(**torch.load(run / "last.pt", weights_only=True)["config"]).replace(
+        epochs=2), resume=run / "last.pt")
+    assert held_while_reading and all(held_while_reading)
+
+
+def test_an_interrupted_export_keeps_the_earlier_one(world, tmp_path):
+    out = tmp_path / "model.pt"
+    ckpt = torch.load(world["best"], weights_only=True)
+    checkpoint.export(ckpt, out, lambda shipped: {"note": "first"})
+    before = (out.read_bytes(), card_path(out).read_bytes())
+
+    def interrupted(shipped):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.export(ckpt, out, interrupted, overwrite=True)
+    assert (out.read_bytes(), card_path(out).read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt"]
+
+
+def test_overwrite_replaces_the_old_run_only_when_the_new_one_saves(trained_run, tiny, tmp_path,
+                                                                     monkeypatch, capsys):
+    shutil.copytree(trained_run, tmp_path / "old")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").glob("*.pt")}
+
+    def interrupted(self, x, target, lr):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc.Learner, "step", interrupted)
+    with pytest.raises(SystemExit):
+        tc.train(tiny(run_name="old", overwrite=True))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").glob("*.pt")} == before
+
+
+def test_a_run_that_fails_before_saving_leaves_no_folder(tiny, tmp_path, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise DataNotFoundError("no CIFAR-10 found: test")
+
+    monkeypatch.setattr(tc, "load_dataset", no_data)
+    with pytest.raises(DataNotFoundError):
+        tc.train(tiny(run_name="never"))
+    assert not (tmp_path / "never").exists()
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line(world, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc, "load_dataset", interrupted)
+    code, err = run_cli(tc.main, ["--eval-only", str(world["best"]), "--data-dir",
+                                  str(world["data"])], capsys)
+    assert code == 130 and err.strip() == "interrupted" and "Traceback" not in err

@@ -1,13 +1,17 @@
 """The exercise checker: the reference passes, the skeleton fails cleanly, and each common mistake,
 written as a small mutated implementation, is caught at the right module with the right hint.
-Hostile code (NaN, another dtype, exits, endless loops, KeyboardInterrupt) is a reported failure:
-the student's file runs in a separate process with a time limit."""
+Hostile code (NaN, another dtype, exits, endless loops, KeyboardInterrupt, runaway memory) is a
+reported failure: the student's file runs in a separate process with a time and a memory limit,
+ended with every process it started."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -226,3 +230,61 @@ def test_an_exit_never_ends_the_checker_with_success(tmp_path, where, code, says
                          cwd=HERE, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, (run.stdout, run.stderr)
     assert says in run.stdout and "exit" in run.stdout and "个模块通过" in run.stdout
+
+
+def test_the_students_global_torch_state_never_reaches_the_reference(tmp_path):
+    """set_default_dtype(float64) would otherwise build the reference in float64 too."""
+    path = write(tmp_path, "double_default", "torch.set_default_dtype(torch.float64)\n")
+    [failed] = ce.check(path)
+    assert failed.name == "PatchEmbed" and not failed.ok and "torch.float64" in failed.message
+    assert failed.hint == ce.DTYPE_HINT
+
+
+def test_a_runaway_allocation_is_a_reported_memory_error(tmp_path):
+    """bytes(n) only reserves the memory, so without the limit this harms nothing."""
+    path = write(tmp_path, "greedy", "hog = bytes(12 << 30)\n")
+    [failed] = ce.check(path, memory_gb=6)
+    assert failed.name == "import" and "MemoryError" in failed.message
+    assert failed.hint == ce.MEMORY_HINT
+
+
+def _running(pid: int) -> bool:
+    try:  # a zombie has ended, its parent just has not collected it yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_processes_the_students_code_starts_end_with_the_check(tmp_path):
+    pidfile = tmp_path / "pid"
+    ce.check(write(tmp_path, "starts", f"""\
+import subprocess
+open({str(pidfile)!r}, "w").write(str(subprocess.Popen(["sleep", "60"]).pid))
+"""))
+    pid = int(pidfile.read_text())
+    try:
+        deadline = time.monotonic() + 5
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(pid)
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_the_students_file_may_import_its_neighbours(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "helper.py").write_text("from vit_model import MLP as X\n")
+    path = write(tmp_path / "sub", "uses_helper", "from helper import X\n\nMLP = X\n")
+    results = ce.check(path)
+    assert len(results) == 5 and all(r.ok for r in results), results[-1]
+
+
+def test_a_missing_file_is_one_error_line_and_exit_code_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        ce.main([str(tmp_path / "nope.py")])
+    assert stop.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and "nope.py" in err
+    assert len(err.splitlines()) == 1

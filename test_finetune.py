@@ -206,3 +206,26 @@ def test_pretrain_then_finetune_end_to_end(tiny, tmp_path, monkeypatch, make_ima
     assert 0 <= res["best_acc"] <= 1
     tc.main(["--resume", str(tmp_path / "fine" / "last.pt"), "--epochs", "2"])  # resumable
     assert torch.load(tmp_path / "fine" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_the_shipped_model_fine_tunes_on_a_users_folder(tmp_path, make_image_folder):
+    # the guide's worked example: a few classes of one's own, in an ImageFolder tree
+    from inference import SHIPPED_MODEL
+
+    folder = make_image_folder(tmp_path / "mine", 40, 20)
+    for name in ("bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"):
+        for split in ("train", "test"):
+            for f in (folder / split / name).iterdir():
+                f.unlink()
+            (folder / split / name).rmdir()
+    res = tc.train(preset("finetune", init=str(SHIPPED_MODEL), data_dir=str(folder),
+                          out_dir=str(tmp_path), run_name="mine", img_size=0, epochs=2,
+                          batch_size=4, warmup_epochs=0, lr=0.01, wandb="off",
+                          eval_batch_size=100))
+    ckpt = torch.load(tmp_path / "mine" / "best.pt", weights_only=True)
+    shipped = torch.load(SHIPPED_MODEL, weights_only=True)
+    assert ckpt["classes"] == ["airplane", "automobile"]
+    assert ckpt["model"]["head.weight"].shape[0] == 2
+    assert ckpt["model_config"]["classifier"] == "gap" == shipped["model_config"]["classifier"]
+    assert len(res["history"]) == 2

@@ -489,3 +489,27 @@ def test_ddp_with_two_cpu_processes(repo, fast, batches_dir, tmp_path):
     assert ckpt["epoch"] == 2 and ckpt["step"] == 20  # 500 images, global batch 50
     assert out.count("starting run") == 1  # only rank 0 logs
     assert 0 <= ckpt["history"][-1]["eval_acc"] <= 1
+
+
+@slow
+def test_a_budget_spent_during_an_evaluation_still_ends_with_a_full_one(tiny, monkeypatch):
+    # one step an epoch and a fake clock that only the evaluations move: the budget runs out
+    # while an epoch is evaluated on the subset, after that epoch's last clock reading
+    now = [0.0]
+    evaluate = tc.evaluate
+
+    def slow_evaluation(*args, **kwargs):
+        now[0] += 4.0
+        return evaluate(*args, **kwargs)
+
+    class FakeTimeSchedule(tc.Schedule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, clock=lambda: now[0])
+
+    monkeypatch.setattr(tc, "evaluate", slow_evaluation)
+    monkeypatch.setattr(tc, "Schedule", FakeTimeSchedule)
+    res = tc.train(tiny(epochs=1000, time_budget=0.125, batch_size=250, warmup_epochs=0,
+                        eval_subset=50, run_name="late"))  # 7.5 s: two evaluations
+    hist = res["history"]
+    assert hist[-1]["eval_images"] == 200 and res["best_acc"] == hist[-1]["eval_acc"]
+    assert [h["eval_images"] for h in hist] == [50, 50, 200]

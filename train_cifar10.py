@@ -448,14 +448,39 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | 
     run, `cfg` being its saved config with any changes (config.config_from_args); `data` skips
     loading --data-dir (a caller running many runs on the same data, like compare_configs.py)."""
     validate(cfg)
+    if resume:  # a file of the right kind, before its folder is touched
+        load_checkpoint(resume, required=RESUME_KEYS, mmap=True)
+    device, rank, world = setup_device(cfg.device, cfg.threads)
+    if resume:
+        run_dir = resolve_checkpoint_path(resume).parent
+    else:
+        default = f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = (checkpoint.new_run_dir(cfg.out_dir, cfg.run_name, default) if rank == 0
+                   else Path(cfg.out_dir) / (cfg.run_name or default))
+    # rank 0 holds the run folder, before anything in it is read, until the run ends
+    held = checkpoint.hold_run_dir(run_dir, not resume, cfg.overwrite) if rank == 0 else None
+    try:
+        return _train(cfg, resume, data, run_dir, device, rank, world)
+    finally:
+        if held:
+            held.close()
+            checkpoint.release_run_dir(run_dir)
+
+
+def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, run_dir: Path,
+           device: torch.device, rank: int, world: int) -> dict[str, Any]:
+    """train() in its held run folder."""
+    is_main = rank == 0
     ckpt = load_checkpoint(resume, required=RESUME_KEYS) if resume else None
     if ckpt:
         check_same_model(cfg, ckpt["model_config"])
-    device, rank, world = setup_device(cfg.device, cfg.threads)
+        checkpoint.check_resume_point(resolve_checkpoint_path(resume), ckpt)
+        cfg = cfg.replace(out_dir=str(run_dir.parent), run_name=run_dir.name)  # where it is now
+        if is_main:
+            checkpoint.repair_best(run_dir, ckpt)
     # The initial weights, the same in every process (the EMA is copied from them before DDP
     # would broadcast rank 0's); every batch then reseeds per process (data.TrainBatches).
     torch.manual_seed(cfg.seed)
-    is_main = rank == 0
 
     data = load_data(cfg, ckpt, loaded=data)
     mean, std = input_normalization(ckpt) if ckpt else (data.mean, data.std)  # travel with weights
@@ -476,18 +501,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | 
         checkpoint.init_from_pretrained(model, weights)  # Sec. 3.2: new zero head
     learner = Learner.build(cfg, model, device, world)
     eval_model = learner.ema if learner.ema is not None else learner.model
-
     run = RunState.from_checkpoint(ckpt)
     if ckpt:
         learner.load_state_dict(ckpt)
-        run_dir = resolve_checkpoint_path(resume).parent
-        cfg = cfg.replace(out_dir=str(run_dir.parent), run_name=run_dir.name)  # where it is now
-    else:
-        default = f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = (checkpoint.new_run_dir(cfg.out_dir, cfg.run_name, default) if is_main
-                   else Path(cfg.out_dir) / (cfg.run_name or default))
-    # rank 0 holds the run folder (and alone writes in it) until the run ends
-    held = checkpoint.open_run_dir(run_dir, ckpt, cfg.overwrite) if is_main else None
     schedule = Schedule(cfg, len(batches),
                         elapsed_s=run.history[-1]["elapsed_min"] * 60 if run.history else 0.0,
                         warmup_end_s=(ckpt or {}).get("time_budget", {}).get("warmup_end_s"))
@@ -529,9 +545,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | 
                 state = checkpoint.run_checkpoint(
                     dataclasses.asdict(cfg), mcfg.to_dict(), learner.state_dict(), run,
                     schedule.state_dict(), list(data.classes), mean, std)
-                checkpoint.save_run(state, run_dir, is_best)
-            if schedule.spent:
-                break
+                checkpoint.save_run(state, run_dir, is_best, first=not ckpt and run.epoch == 1)
+            if final:  # (a budget spent during this epoch's evaluation: the next epoch stops
+                break  # at its first clock reading and ends the run with a full evaluation)
     except KeyboardInterrupt:
         if is_main:
             last = run_dir / "last.pt"
@@ -543,8 +559,6 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | 
     finally:
         stop.restore()
         wb.finish()
-        if held:
-            held.close()
     if is_main and run.history:
         save_curve_png(run.history, run_dir / "accuracy_curve.png",
                        f"{cfg.model}, {n_params / 1e6:.2f}M params: best {evals.name} "
