@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from data import CIFAR10_MEAN, CIFAR10_STD, load_dataset, normalize, rand_augment, random_crop_flip
+from experiments import train_step_timer
 from runtime import run_cli
 from train_cifar10 import lr_at
 from vit_model import VisionTransformer, vit_base, vit_cifar
@@ -37,45 +37,6 @@ def alternate(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, flo
         for name, fn in fns.items():
             times[name].append(fn())
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def train_step_timer(model: torch.nn.Module, x: torch.Tensor,
-                     y: torch.Tensor) -> Callable[[], float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> float:
-        t = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    step()  # warm-up
-    return step
-
-
-def reference_speed(rounds: int = 5, batch: int = 128) -> float:
-    """The machine's speed on a fixed reference, in images/s: vit_cifar_tiny forward +
-    backward + AdamW step, fp32 on the CPU, batch 128, median of `rounds` steps (the "ours"
-    number of `python benchmark.py model` for the CIFAR preset). Wall-clock results are
-    reported next to it."""
-    step = train_step_timer(vit_cifar("vit_cifar_tiny").train(), torch.randn(batch, 3, 32, 32),
-                            torch.randint(0, 10, (batch,)))
-    return batch / statistics.median(step() for _ in range(rounds))
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), with ', AVX-512' when it has AVX-512F."""
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), platform.machine())
-    return name + (", AVX-512" if " avx512f" in info else "")
 
 
 def bench_model(args: argparse.Namespace) -> None:

@@ -2,26 +2,40 @@
 train_cifar10.py's own loop and summarised as a table and a plot.
 
     python compare_configs.py --list
-    python compare_configs.py --study patch --budget-min 4 --data-dir /tmp/cifar10
-    python compare_configs.py --study patch posembed classifier size data --budget-min 4 \\
-        --data-dir /tmp/cifar10
-    python compare_configs.py --study data --epochs 30 --data-dir data  # equal epochs (a GPU)
+    python compare_configs.py --study patch --budget-min 7 --data-dir data   # equal time
+    python compare_configs.py --study patch --epochs 3 --data-dir data       # equal images seen
+    python compare_configs.py --study posembed classifier size data --budget-min 7 \\
+        --data-dir data
 
-Every run is the baseline BASE with one change: the CPU preset of train_cifar10.py with AdamW (the
-one optimiser both the ViT and the CNN of the `data` study can use) and without flip averaging
-at test time, trained on 45,000 images and
-compared on the 5,000 held-out validation images (--val-split 5000); test accuracy is a second
-column, never used to choose. The baseline runs twice (seeds 0 and 1): a difference counts only
-when it is larger than the gap between those two runs.
+Every run is the baseline BASE with one change: the CPU preset of train_cifar10.py (Muon + AdamW;
+the ResNet of the `data` and `transfer` studies, which Muon does not fit, uses AdamW) without flip
+averaging at test time, trained on 45,000 images and compared on the 5,000 held-out validation
+images (--val-split 5000); test accuracy is a second column, never used to choose.
 
-Budget: --budget-min M gives every run M minutes of wall time (the fair comparison on a CPU; rows
-from machines of clearly different speed are refused in one table), --epochs E the same number of
-epochs. Each study keeps its rows in OUT/STUDY.json, one per finished run (config, accuracies,
-time, images/s, parameters, FLOPs, machine); rerunning the command skips finished rows, reuses an
-identical run another study has already done (the baseline), and continues an interrupted run from
-its last.pt. Several commands may run at once into one OUT: each row is added under a lock. The
-table goes to OUT/STUDY.md (and the terminal), the plot to FIG_DIR/study_STUDY.png, run
-checkpoints to CHECKPOINT_DIR/STUDY/.
+One change per row, for real: the warmup and the full-token phase (no patch dropout) are shares
+of each run (10% and the last 20% of its training time, or of its steps with --epochs), not
+epochs, whose share of a run depends on its speed; only the training steps count against
+--budget-min (--clock train: evaluation and saving are timed apart and recorded).
+
+Noise: the baseline runs with three seeds, at the start, the middle and the end of the study (so
+that a drift of the machine's speed shows in it). Each table states the seeds' standard deviation
+s, the sampling error se of an accuracy on the validation images, and sigma = sqrt(s^2 (1 + 1/k)
++ se^2), the noise of a run minus the baseline's mean over k seeds; a difference is called real
+only beyond 2 sigma. A paired test (McNemar's, exact) compares each run with the baseline of its
+seed image by image on the same validation images.
+
+Budget: --budget-min M gives every run M minutes of training (the fair comparison on a CPU: the
+view of a CPU user, with a fixed time), --epochs E the same number of epochs (equal images seen:
+the paper's view); the two views go to separate files (STUDY.json and STUDY_epochs.json). Each
+run records when it ran, the machine's reference speed just before it (`python benchmark.py
+model`), its images/s with and without patch dropout, and its evaluation and other time; rows
+more than 10% from the study's first reference speed are flagged in the table, and rows from
+machines more than 15% apart are refused in one file. Each study keeps its rows in OUT/NAME.json,
+one per finished run; rerunning the command skips finished rows, reuses an identical run another
+study has already done on this machine (the baseline), and continues an interrupted run from its
+last.pt. Several commands may run at once into one OUT: each row is added under a lock. The table
+goes to OUT/NAME.md (and the terminal), the plot to FIG_DIR/study_NAME.png, run checkpoints to
+CHECKPOINT_DIR/STUDY/, and every run's line to CHECKPOINT_DIR/STUDY/experiments.csv.
 
 Outputs: by default OUT is outputs/results and FIG_DIR outputs/figures (not tracked by git), and
 the checkpoints go to checkpoints/compare. The tables and plots of the guide (README.md, section
@@ -44,6 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,12 +67,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import train_cifar10 as tc  # noqa: E402
-from benchmark import cpu_name, reference_speed  # noqa: E402
 from checkpoint import input_normalization, load_checkpoint, model_from_checkpoint  # noqa: E402
 from config import (  # noqa: E402
     PLACE,
@@ -71,15 +86,21 @@ from config import (  # noqa: E402
     validate,
 )
 from data import ImageData, load_dataset, split_data  # noqa: E402
+from experiments import cpu_name, reference_speed  # noqa: E402
 from runtime import run_cli  # noqa: E402
 from vit_model import ViTConfig, estimate_flops  # noqa: E402
 
-BASE: dict[str, Any] = {**PRESETS["cpu"], "optimizer": "adamw", "tta_flip": False,
-                        "val_split": 5000, "wandb": "off"}  # plain accuracy: no flip averaging
-SAME_MACHINE = 1.25  # reference speeds further apart than this ratio are different machines
+# The CPU preset, with its warmup and full-token phase as shares of each run (not epochs, whose
+# share of a run depends on the run's speed), only the training steps counted against the budget
+# (evaluation and saving are timed apart), and plain accuracy (no flip averaging).
+BASE: dict[str, Any] = {**PRESETS["cpu"], "tta_flip": False, "val_split": 5000, "wandb": "off",
+                        "warmup_frac": 0.1, "full_token_frac": 0.2, "clock": "train"}
+SAME_MACHINE = 1.15  # reference speeds further apart than this ratio are different machines
+DRIFT = 0.10  # rows whose reference speed is this far from the study's first are flagged
+SEEDS = (0, 1, 2)  # the baseline's seeds, run at the start, the middle and the end of a study
 # Settings each study sets itself, which --set may not change, and what to use instead.
 STUDY_SETS = {
-    "seed": "seeds are part of each study (the baseline runs with seeds 0 and 1; see --list)",
+    "seed": "seeds are part of each study (the baseline runs with seeds 0, 1 and 2; see --list)",
     "epochs": "give the budget of every run with --epochs E or --budget-min M",
     "time_budget": "give the budget of every run with --budget-min M or --epochs E",
     "data_dir": "use --data-dir", "download": "use --download",
@@ -123,7 +144,7 @@ def varied_settings(study: Study) -> dict[str, Run]:
 
 
 def baseline(label: str, **plot: Any) -> list[Run]:
-    return [Run(label, {}, seed, True, **plot) for seed in (0, 1)]
+    return [Run(label, {}, seed, True, **plot) for seed in SEEDS]
 
 
 def _data_runs() -> list[Run]:
@@ -156,7 +177,7 @@ def _transfer_runs() -> list[Run]:
     runs = [Run("ViT source, 5 classes", {"classes": SOURCE, "val_split": 0}),
             Run("ResNet source, 5 classes", {**as_cnn(), "classes": SOURCE, "val_split": 0}),
             *(Run("ViT scratch, 100%", target, seed, True, f"{vit}, scratch", 1.0)
-              for seed in (0, 1))]
+              for seed in SEEDS)]
     for frac in (0.1, 0.01):
         runs.append(Run(f"ViT scratch, {frac:.0%}", {**target, "train_fraction": frac},
                         line=f"{vit}, scratch", x=frac))
@@ -176,6 +197,9 @@ def _transfer_runs() -> list[Run]:
     return runs
 
 
+# Both learning rates of the preset (AdamW's --lr and Muon's --muon-lr) times 0.3.
+LOWER_LR = {"lr": round(0.3 * BASE["lr"], 8), "muon_lr": round(0.3 * BASE["muon_lr"], 8)}
+
 STUDIES: dict[str, Study] = {s.name: s for s in (
     Study("patch", "patch size 2 / 4 / 8 on 32x32 images (256 / 64 / 16 tokens): "
           "accuracy vs compute", [
@@ -186,11 +210,11 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
         *baseline("learned (baseline)"), Run("2-D sin-cos, fixed", {"pos_embed": "sincos"}),
         Run("none", {"pos_embed": "none"})]),
     Study("classifier", "[CLS] token vs global average pooling, each at two learning rates "
-          "(Appendix D.3)", [
-        *baseline("GAP, lr 1e-3 (baseline)"), Run("GAP, lr 3e-4", {"lr": 3e-4}),
-        Run("[CLS], lr 1e-3", {"classifier": "token"}),
-        Run("[CLS], lr 3e-4", {"classifier": "token", "lr": 3e-4})]),
-    Study("size", "width D and depth L at equal time (Figure 8's axes)", [
+          "(Appendix D.3 / Figure 9 sweeps more)", [
+        *baseline("GAP, lr x1 (baseline)"), Run("GAP, lr x0.3", LOWER_LR),
+        Run("[CLS], lr x1", {"classifier": "token"}),
+        Run("[CLS], lr x0.3", {"classifier": "token", **LOWER_LR})]),
+    Study("size", "width D and depth L (Figure 8's axes)", [
         *baseline("D=128, L=6 (baseline)"), Run("D=64, L=6", {"embed_dim": 64}),
         Run("D=192, L=6", {"embed_dim": 192}), Run("D=128, L=3", {"depth": 3}),
         Run("D=128, L=12", {"depth": 12})]),
@@ -240,9 +264,12 @@ NUMBER = (int, float)
 ROW_TYPES = {"study": str, "label": str, "seed": int, "baseline": bool, "line": str, "x": NUMBER,
              "key": str, "config": dict, "val_acc": NUMBER, "test_acc": NUMBER, "epochs": int,
              "minutes": NUMBER, "images_per_sec": NUMBER, "params": int, "mflops": NUMBER,
-             "machine": dict}
+             "machine": dict, "started": str, "phases": dict, "val_images": int,
+             "val_correct": str, "train_images": int, "images_seen": int}
 MACHINE_TYPES = {"cpu": str, "ref_img_s": NUMBER}
 CONFIG_TYPES = {"time_budget": NUMBER, "epochs": int}
+PHASE_TYPES = {"train_s": NUMBER, "eval_s": NUMBER, "save_other_s": NUMBER, "wall_s": NUMBER,
+               "drop_img_s": NUMBER, "full_img_s": NUMBER, "full_token_share": NUMBER}
 
 
 def wrong_keys(d: Any, types: dict[str, Any]) -> list[str]:
@@ -257,7 +284,8 @@ def rows_problem(data: Any) -> str:
     for i, row in enumerate(data["rows"], 1):
         bad = (wrong_keys(row, ROW_TYPES)
                or [f"machine.{k}" for k in wrong_keys(row["machine"], MACHINE_TYPES)]
-               or [f"config.{k}" for k in wrong_keys(row["config"], CONFIG_TYPES)])
+               or [f"config.{k}" for k in wrong_keys(row["config"], CONFIG_TYPES)]
+               or [f"phases.{k}" for k in wrong_keys(row["phases"], PHASE_TYPES)])
         if bad:
             return f"row {i} has no valid {', '.join(map(repr, bad))}"
     return ""
@@ -284,11 +312,12 @@ class Results:
     add rows to one file at once (two commands sharing an --out): each add takes a lock, re-reads
     the file, appends and replaces the file whole, so that no process drops another's rows."""
 
-    def __init__(self, out: Path, study: str) -> None:
-        self.path = out / f"{study}.json"
-        self.lock_path = out / f".{study}.json.lock"
-        self.tmp_path = out / f"{study}.json.tmp"  # written whole, then renamed to self.path
-        self.table_path = out / f"{study}.md"
+    def __init__(self, out: Path, name: str) -> None:
+        self.name = name  # the study's, with "_epochs" for its equal-epochs view
+        self.path = out / f"{name}.json"
+        self.lock_path = out / f".{name}.json.lock"
+        self.tmp_path = out / f"{name}.json.tmp"  # written whole, then renamed to self.path
+        self.table_path = out / f"{name}.md"
         self.rows = read_rows(self.path)
 
     def find(self, key: str) -> dict[str, Any] | None:
@@ -302,20 +331,40 @@ class Results:
             if not any(r["key"] == row["key"] and r["label"] == row["label"] for r in self.rows):
                 self.rows.append(row)  # (unless another process just added the same run)
             self.tmp_path.write_text(
-                json.dumps({"study": self.path.stem, "rows": self.rows}, indent=1) + "\n")
+                json.dumps({"study": self.name, "rows": self.rows}, indent=1) + "\n")
             os.replace(self.tmp_path, self.path)  # readers see the old file or the new, never half
 
 
+def results_name(study: str, budget: dict[str, Any]) -> str:
+    """The results file of a study under a budget: STUDY (equal time), STUDY_epochs (equal
+    epochs, that is equal images seen)."""
+    return study if budget["time_budget"] else f"{study}_epochs"
+
+
+def budget_text(config: dict[str, Any]) -> str:
+    return (f"{config['time_budget']:g} min" if config["time_budget"]
+            else f"{config['epochs']} epochs")
+
+
+def check_budget(rows: list[dict[str, Any]], budget: dict[str, Any], where: str) -> None:
+    """One table, one budget: refuse to add runs of another budget to a results file."""
+    for r in rows:
+        if budget_text(r["config"]) != budget_text(budget):
+            raise ValueError(f"{where} holds runs of {budget_text(r['config'])} each; this command "
+                             f"runs {budget_text(budget)}: use another --out folder (or the "
+                             f"same budget)")
+
+
 def check_machine(rows: list[dict[str, Any]], ref: float, where: str) -> None:
-    """Equal-time rows must come from one machine: refuse to mix reference speeds."""
+    """One table, one machine: refuse to mix reference speeds."""
     for r in rows:
         theirs = r["machine"]["ref_img_s"]
-        if r["config"]["time_budget"] and max(theirs / ref, ref / theirs) > SAME_MACHINE:
+        if max(theirs / ref, ref / theirs) > SAME_MACHINE:
             raise ValueError(
-                f"{where} holds equal-time rows measured on a machine at {theirs:.0f} img/s "
-                f"on the reference (`python benchmark.py model`); this one measures {ref:.0f} "
-                f"img/s. Their accuracies at equal time would not compare: use another --out "
-                f"folder, or --epochs")
+                f"{where} holds rows measured on a machine at {theirs:.0f} img/s on the "
+                f"reference (`python benchmark.py model`); this one measures {ref:.0f} img/s. "
+                f"One table, one machine (accuracies at equal time, and speeds, would not "
+                f"compare): use another --out folder")
 
 
 def check_folder(folder: Path, option: str) -> None:
@@ -349,7 +398,7 @@ def check_not_folders(paths: list[Path], option: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def train_run(study: str, run: Run, cfg: TrainConfig, args: argparse.Namespace,
-              data: ImageData, rows: list[dict[str, Any]]) -> Path:
+              data: ImageData, rows: list[dict[str, Any]], ref: float) -> Path:
     """Train one run with train_cifar10.train (continuing its last.pt if it was interrupted). A
     run fine-tuned from another run of the study (--init run:LABEL) starts from that run's
     best.pt, found among the study's finished `rows`."""
@@ -363,32 +412,68 @@ def train_run(study: str, run: Run, cfg: TrainConfig, args: argparse.Namespace,
         if source is None:
             raise ValueError(f"{run.label!r} fine-tunes {cfg.init[4:]!r}, which has not run yet")
         placed = placed.replace(init=str(Path(source["run_dir"]) / "best.pt"))
-    tc.train(placed, resume=last if last.is_file() else None, data=data)
+    tc.train(placed, resume=last if last.is_file() else None, data=data, ref_img_s=ref)
     return run_dir
 
 
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def phases(hist: list[dict[str, Any]]) -> dict[str, float]:
+    """Where a run's time went, from its history: training (with patch dropout and with all
+    tokens, each with its images/s), evaluation, and the rest (saving, start-up)."""
+    total = {k: sum(h.get(k, 0.0) for h in hist)
+             for k in ("drop_time", "drop_images", "full_time", "full_images", "eval_time")}
+    train_s = sum(h["epoch_time"] for h in hist)
+    wall_s = 60 * hist[-1].get("wall_min", hist[-1]["elapsed_min"])
+    return {"train_s": round(train_s, 1), "eval_s": round(total["eval_time"], 1),
+            "save_other_s": round(max(wall_s - train_s - total["eval_time"], 0.0), 1),
+            "wall_s": round(wall_s, 1),
+            "drop_img_s": round(total["drop_images"] / max(total["drop_time"], 1e-9), 1),
+            "full_img_s": round(total["full_images"] / max(total["full_time"], 1e-9), 1),
+            "full_token_share": round(total["full_time"]
+                                      / max(total["drop_time"] + total["full_time"], 1e-9), 3)}
+
+
 def make_row(study: str, run: Run, cfg: TrainConfig, run_dir: Path, data: ImageData,
-             machine: dict[str, Any]) -> dict[str, Any]:
+             machine: dict[str, Any], started: str) -> dict[str, Any]:
     ckpt = load_checkpoint(run_dir / "last.pt")
     hist = ckpt["history"]
     best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else ckpt
     data = tc.load_data(cfg, None, loaded=data)  # the run's own --classes
-    test = tc.evaluate(model_from_checkpoint(best), data.test_x, data.test_y,
-                       *input_normalization(best), cfg.eval_batch_size)["acc"]
+    model, norm = model_from_checkpoint(best), input_normalization(best)
+    test = tc.evaluate(model, data.test_x, data.test_y, *norm, cfg.eval_batch_size)["acc"]
+    train_x, _, evals = split_data(data, cfg.val_split, cfg.train_fraction)
+    val = tc.evaluate(model, evals.x, evals.y, *norm, cfg.eval_batch_size)  # each image's answer
+    correct = (val["pred"] == evals.y).numpy()
     params, mflops = model_cost(cfg, len(data.classes))
-    train_s = sum(h["epoch_time"] for h in hist)
+    spent = phases(hist)
+    seen = sum(h.get("drop_images", 0) + h.get("full_images", 0) for h in hist)
     return {
         "study": study, "label": run.label, "seed": run.seed, "baseline": run.baseline,
         "line": run.line, "x": run.x, "key": run_key(cfg), "config": dataclasses.asdict(cfg),
         "command": config_command(cfg), "val_acc": round(100 * ckpt["best_acc"], 2),
         "test_acc": round(100 * test, 2), "epochs": len(hist),
         "minutes": round(hist[-1]["elapsed_min"], 2),
-        "images_per_sec": round(sum(h["images_per_sec"] * h["epoch_time"] for h in hist)
-                                / train_s, 1),
-        "train_images": len(split_data(data, cfg.val_split, cfg.train_fraction)[1]),
+        "images_per_sec": round(seen / max(spent["train_s"], 1e-9), 1),
+        "train_images": len(train_x), "images_seen": int(seen), "val_images": len(correct),
+        "val_correct": np.packbits(correct).tobytes().hex(), "phases": spent,
         "params": params, "mflops": round(mflops, 1), "machine": machine,
-        "date": time.strftime("%Y-%m-%d"), "run_dir": str(run_dir),
+        "started": started, "finished": now(), "date": started[:10], "run_dir": str(run_dir),
     }
+
+
+def interleaved(todo: list[Any], is_baseline: Callable[[Any], bool]) -> list[Any]:
+    """The runs to do with the baseline's spread evenly among the others (the first at the
+    start, the last at the end), so that a drift of the machine's speed during a study shows in
+    the baseline's seeds rather than only in the variants."""
+    base = [t for t in todo if is_baseline(t)]
+    out = [t for t in todo if not is_baseline(t)]
+    gaps = len(out)
+    for k in range(len(base) - 1, -1, -1):  # from the end, so earlier places stay put
+        out.insert(round(k * gaps / max(len(base) - 1, 1)), base[k])
+    return out
 
 
 def run_studies(args: argparse.Namespace) -> None:
@@ -402,38 +487,38 @@ def run_studies(args: argparse.Namespace) -> None:
     for option, folder in (("--out", out), ("--fig-dir", args.fig_dir),
                            ("--checkpoint-dir", args.checkpoint_dir)):
         check_folder(Path(folder), option)
-    plans = [(STUDIES[name], Results(out, name)) for name in args.study]
+    plans = [(STUDIES[name], Results(out, results_name(name, budget))) for name in args.study]
     for s, res in plans:
         check_not_folders([res.path, res.lock_path, res.tmp_path, res.table_path], "--out")
-        check_not_folders([plot_path(Path(args.fig_dir), s.name)], "--fig-dir")
+        check_not_folders([plot_path(Path(args.fig_dir), name)
+                           for name in (res.name, f"{s.name}_views")], "--fig-dir")
+        check_budget(res.rows, budget, str(res.path))
     for path in sorted(out.glob("*.json")):  # the other studies' rows, reused below
         read_rows(path)
-    todo = [(s, res, i) for s, res in plans for i, _ in enumerate(s.runs)
-            if res.find(run_key(configs[s.name, i])) is None]
+    todo = interleaved([(s, res, i) for s, res in plans for i, _ in enumerate(s.runs)
+                        if res.find(run_key(configs[s.name, i])) is None],
+                       lambda t: t[0].runs[t[2]].baseline)
     ref = reference_speed()
     machine = {"cpu": cpu_name(), "ref_img_s": round(ref, 1), "torch": torch.__version__}
     print(f"machine: {machine['cpu']}, reference speed {ref:.0f} img/s "
           f"(vit_cifar_tiny forward + backward, `python benchmark.py model`)")
-    if args.budget_min:
-        for _, res in plans:
-            check_machine(res.rows, ref, str(res.path))
+    for _, res in plans:
+        check_machine(res.rows, ref, str(res.path))
     if not todo:
         print("every run is already done")
     else:
         data = load_dataset(args.data_dir, args.download)
-        per_run = f"{args.budget_min:g} min" if args.budget_min else f"{args.epochs} epochs"
-        overall = tqdm(total=len(todo), desc=f"study runs ({per_run} each)", unit="run", position=0)
+        overall = tqdm(total=len(todo), desc=f"study runs ({budget_text(budget)} each)",
+                       unit="run", position=0)
         try:
             for s, res, i in todo:
                 run, cfg = s.runs[i], configs[s.name, i]
                 key = run_key(cfg)
                 # read now: another process may have finished the run meanwhile
                 done = [r for p in sorted(out.glob("*.json")) for r in read_rows(p)
-                        if r["key"] == key]
-                if args.budget_min:
-                    done = [r for r in done
-                            if max(r["machine"]["ref_img_s"] / ref, ref / r["machine"]["ref_img_s"])
-                            <= SAME_MACHINE]
+                        if r["key"] == key
+                        and max(r["machine"]["ref_img_s"] / ref, ref / r["machine"]["ref_img_s"])
+                        <= SAME_MACHINE]
                 # the same run in another study (the baseline): reuse it under this study's label
                 if done:
                     tqdm.write(f"[{s.name}] {run.label}: same run as "
@@ -445,8 +530,10 @@ def run_studies(args: argparse.Namespace) -> None:
                     tqdm.write(f"[{s.name}] {run.label} (seed {run.seed}): {command}")
                     # just before the run: speed drifts
                     machine["ref_img_s"] = round(reference_speed(), 1)
-                    run_dir = train_run(s.name, run, cfg, args, data, res.rows)
-                    res.add(make_row(s.name, run, cfg, run_dir, data, dict(machine)))
+                    started = now()
+                    run_dir = train_run(s.name, run, cfg, args, data, res.rows,
+                                        machine["ref_img_s"])
+                    res.add(make_row(s.name, run, cfg, run_dir, data, dict(machine), started))
                 overall.update(1)
         except (KeyboardInterrupt, SystemExit) as e:
             if isinstance(e, SystemExit) and e.code != 130:
@@ -464,10 +551,42 @@ def run_studies(args: argparse.Namespace) -> None:
 # Tables and plots
 # --------------------------------------------------------------------------------------------
 
-def spread(rows: list[dict[str, Any]]) -> tuple[float, float]:
-    """Mean and spread (max - min) of the baseline's validation accuracy over its seeds."""
+def noise(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The baseline's mean and the noise of a comparison, in accuracy points: the standard
+    deviation s over the baseline's k seeds, the sampling error se of one accuracy on the n
+    validation images (sqrt(p(1-p)/n)), one run's noise sqrt(s^2 + se^2), and the noise of a run
+    minus the baseline's mean, sigma = sqrt(s^2 (1 + 1/k) + se^2). The rule: a difference is
+    real when it is larger than 2 sigma."""
     accs = [r["val_acc"] for r in rows if r["baseline"]]
-    return (statistics.mean(accs), max(accs) - min(accs)) if accs else (float("nan"), float("nan"))
+    k = len(accs)
+    mean = statistics.mean(accs) if accs else math.nan
+    sd = statistics.stdev(accs) if k >= 2 else math.nan
+    n = next((r["val_images"] for r in rows if r["baseline"]), 0)
+    se = 100 * math.sqrt(mean / 100 * (1 - mean / 100) / n) if n else math.nan
+    return {"mean": mean, "sd": sd, "se": se, "k": k, "n": n,
+            "run": math.sqrt(sd ** 2 + se ** 2),
+            "sigma": math.sqrt(sd ** 2 * (1 + 1 / max(k, 1)) + se ** 2)}
+
+
+def mcnemar(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Exact two-sided McNemar test of two runs on the same validation images: under "equally
+    good", the images that exactly one of them gets right are that one's or the other's with
+    probability 1/2 each; the p-value of the split seen (binomial, both tails)."""
+    n = a["val_images"]
+    right_a = np.unpackbits(np.frombuffer(bytes.fromhex(a["val_correct"]), np.uint8))[:n] == 1
+    right_b = np.unpackbits(np.frombuffer(bytes.fromhex(b["val_correct"]), np.uint8))[:n] == 1
+    only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    m, low = only_a + only_b, min(only_a, only_b)
+    tail = sum(math.comb(m, i) for i in range(low + 1))
+    return min(1.0, 2 * tail / 2 ** m) if m else 1.0
+
+
+def paired_baseline(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The baseline run a row is paired with: the same seed (else the first), evaluated on the
+    same validation images; None when their images differ (another --classes or --val-split)."""
+    same = [b for b in rows if b["baseline"] and b["val_images"] == row["val_images"]
+            and all(b["config"][k] == row["config"][k] for k in ("classes", "val_split"))]
+    return next((b for b in same if b["seed"] == row["seed"]), same[0] if same else None)
 
 
 def ordered_rows(study: Study, res: Results) -> list[dict[str, Any]]:
@@ -477,59 +596,88 @@ def ordered_rows(study: Study, res: Results) -> list[dict[str, Any]]:
 
 
 def table(study: Study, res: Results) -> str:
+    """The study's table (in Chinese, for the guide), with its noise and its machine."""
     rows = ordered_rows(study, res)
-    mean, gap = spread(rows)
-    lines = [f"### {study.name}: {study.question}", "",
-             "| run | seed | val acc | vs baseline mean | beyond the spread? | test acc | epochs | "
-             "img/s | params | MFLOPs/img | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    nz = noise(rows)
+    first = min(rows, key=lambda r: r["started"])
+    ref0 = first["machine"]["ref_img_s"]
+    lines = [f"### {res.name}: {study.question}", "",
+             "| 运行 | 种子 | 验证准确率 | 与基线均值之差 | 超出 2σ？ | 配对检验 p | "
+             "测试准确率 | 看过的图像 | 训练 img/s（dropout / 全部 token） | 参数量 | "
+             "MFLOPs/图 | 参考速度 img/s | 开始 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        delta = r["val_acc"] - mean
+        delta = r["val_acc"] - nz["mean"]
+        real = "基线" if r["baseline"] else ("是" if abs(delta) > 2 * nz["sigma"] else "否")
+        pair = None if r["baseline"] else paired_baseline(r, rows)
+        p = f"{mcnemar(r, pair):.2g}" if pair else "—"
+        ph = r["phases"]
+        speed = (f"{ph['drop_img_s']:.0f} / {ph['full_img_s']:.0f}" if ph["drop_img_s"]
+                 else f"— / {ph['full_img_s']:.0f}")
+        ref = r["machine"]["ref_img_s"]
+        flag = " ⚠" if abs(ref / ref0 - 1) > DRIFT else ""
         lines.append(f"| {r['label']} | {r['seed']} | {r['val_acc']:.2f}% | {delta:+.2f} | "
-                     f"{'baseline' if r['baseline'] else ('yes' if abs(delta) > gap else 'no')} | "
-                     f"{r['test_acc']:.2f}% | {r['epochs']} | {r['images_per_sec']:.0f} | "
-                     f"{r['params']:,} | {r['mflops']:.1f} | {r['minutes']:.1f} |")
-    refs: dict[str, list[float]] = {}
-    for r in rows:
-        refs.setdefault(r["machine"]["cpu"], []).append(r["machine"]["ref_img_s"])
-    lines += ["", f"Baseline: mean {mean:.2f}%, spread {gap:.2f} points over seeds 0 and 1; "
-              f"a difference counts only beyond it. Machine: " + "; ".join(
-                  f"{c} (reference {min(v):.0f}" + (f"-{max(v):.0f}" if max(v) > min(v) else "")
-                  + " img/s)" for c, v in refs.items()) + "."]
+                     f"{real} | {p} | {r['test_acc']:.2f}% | {r['images_seen'] / 1000:,.0f}k | "
+                     f"{speed} | {r['params']:,} | {r['mflops']:.1f} | {ref:.0f}{flag} | "
+                     f"{r['started'][5:16].replace('T', ' ')} |")
+    cfg = first["config"]
+    refs = [r["machine"]["ref_img_s"] for r in rows]
+    vit = next((r["config"] for r in rows if r["config"]["full_token_frac"]), cfg)
+    noise_text = (
+        f"基线：{nz['k']} 个种子，验证准确率均值 {nz['mean']:.2f}%，"
+        f"种子间标准差 s = {nz['sd']:.2f}；{nz['n']:,} 张验证图像的抽样误差 "
+        f"se = {nz['se']:.2f}；一次运行与基线均值之差的噪声 "
+        f"σ = √(s²(1 + 1/k) + se²) = {nz['sigma']:.2f} 个百分点。"
+        f"规则：差值超过 2σ = {2 * nz['sigma']:.2f} 才算真实的差别。"
+        "配对检验：与同一种子的基线在同样的验证图像上逐张比较对错"
+        "（McNemar 精确检验），只反映验证集的抽样，不含种子间的波动。")
+    span = f"{min(refs):.0f}" + (f"-{max(refs):.0f}" if max(refs) > min(refs) else "")
+    budget_line = (
+        f"预算：每次运行 {budget_text(cfg)}"
+        + ("的训练时间（评估和保存不计时）" if cfg["time_budget"] else "")
+        + f"；warmup 占 {cfg['warmup_frac']:.0%}，"
+        f"最后 {vit['full_token_frac']:.0%} 不用 patch dropout（ViT）。"
+        f"机器：{first['machine']['cpu']}，参考速度 {span} img/s"
+        "（`python benchmark.py model`）；"
+        f"⚠：与本研究第一次运行（{ref0:.0f}）相差超过 {DRIFT:.0%}。"
+        f"运行于 {min(r['started'] for r in rows)[:10]} 至 "
+        f"{max(r['started'] for r in rows)[:10]}。")
+    lines += ["", noise_text, "", budget_line]
     return "\n".join(lines) + "\n"
 
 
 def plot(study: Study, res: Results, path: Path) -> None:
+    """Bars (or lines) of validation accuracy from zero, each run with its noise."""
     rows = ordered_rows(study, res)
-    mean, gap = spread(rows)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.6) if study.plot == "bars"
-                           else (6.5, 4.2))
-    budget = rows[0]["config"]["time_budget"]
-    each = f"{budget:g} min per run" if budget else f"{rows[0]['config']['epochs']} epochs per run"
+    nz = noise(rows)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.8) if study.plot == "bars"
+                           else (6.5, 4.4))
+    each = budget_text(rows[0]["config"]) + " per run"
+    if rows[0]["config"]["time_budget"]:
+        each += " (training time)"
     if study.plot == "bars":
         names = [f"{r['label']} (seed {r['seed']})" if r["baseline"] else r["label"] for r in rows]
-        ax.barh(range(len(rows)), [r["val_acc"] for r in rows],
+        ax.barh(range(len(rows)), [r["val_acc"] for r in rows], xerr=nz["run"], capsize=3,
                 color=["0.6" if r["baseline"] else "tab:blue" for r in rows])
-        # baseline mean ± spread / 2
-        ax.axvspan(mean - gap / 2, mean + gap / 2, color="tab:orange", alpha=0.4)
+        ax.axvspan(nz["mean"] - 2 * nz["sigma"], nz["mean"] + 2 * nz["sigma"], color="tab:orange",
+                   alpha=0.35)
         ax.set_yticks(range(len(rows)), names)
         ax.invert_yaxis()
-        lo = min(r["val_acc"] for r in rows)
-        ax.set_xlim(max(0, lo - 10), min(100, max(r["val_acc"] for r in rows) + 3))
-        ax.set_xlabel("validation accuracy (%)\norange band: baseline mean ± spread/2; "
-                      "grey bars: baseline runs", fontsize=9)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("validation accuracy (%)\norange band: baseline mean ± 2σ (within it: not a "
+                      "real difference); error bars: one run's noise; grey: baseline seeds",
+                      fontsize=8)
         for i, r in enumerate(rows):
-            ax.text(r["val_acc"] + 0.2, i, f"{r['val_acc']:.2f}", va="center", fontsize=8)
+            ax.text(r["val_acc"] + nz["run"] + 0.8, i, f"{r['val_acc']:.2f}", va="center",
+                    fontsize=8)
     else:
-        # one point per x: the mean over seeds, min-max bar
+        # one point per x: the mean over seeds, error bar: the seeds' range, or one run's noise
         for line in dict.fromkeys(r["line"] for r in rows if r["line"]):
             xs = sorted({r["x"] for r in rows if r["line"] == line})
             accs = [[r["val_acc"] for r in rows if r["line"] == line and r["x"] == x] for x in xs]
             means = [statistics.mean(a) for a in accs]
-            ax.errorbar([100 * x for x in xs], means,
-                        yerr=[[m - min(a) for m, a in zip(means, accs, strict=True)],
-                              [max(a) - m for m, a in zip(means, accs, strict=True)]],
-                        fmt="o-", capsize=4, label=line)
+            err = [statistics.stdev(a) if len(a) > 1 else nz["run"] for a in accs]
+            ax.errorbar([100 * x for x in xs], means, yerr=err, fmt="o-", capsize=4, label=line)
             for x, m in zip(xs, means, strict=True):
                 ax.annotate(f"{m:.1f}", (100 * x, m), textcoords="offset points", xytext=(0, 7),
                             ha="center", fontsize=8)
@@ -537,13 +685,49 @@ def plot(study: Study, res: Results, path: Path) -> None:
         ticks = sorted({100 * r["x"] for r in rows if r["line"]})
         ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
         n = max(r["train_images"] / r["x"] for r in rows if r["line"])
-        ax.set_xlabel(f"fraction of the {n:,.0f} training images")
+        ax.set_xlabel(f"fraction of the {n:,.0f} training images (error bars: the seeds' standard "
+                      f"deviation, or one run's noise)", fontsize=8)
         ax.set_ylabel("validation accuracy (%)")
+        ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"{study.name}: {each}, baseline spread {gap:.2f} points", fontsize=10)
+    ax.set_title(f"{res.name}: {each}; noise σ = {nz['sigma']:.2f} points "
+                 f"({nz['k']} baseline seeds)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_views(study: Study, timed: Results, epochs: Results, path: Path) -> None:
+    """The two views of cost side by side, each run's accuracy against its compute per image:
+    at equal training time (what a CPU user has) and at an equal number of epochs (equal images
+    seen, the paper's view)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, res in zip(axes, (timed, epochs), strict=True):
+        rows = ordered_rows(study, res)
+        nz = noise(rows)
+        seen: set[str] = set()
+        for r in rows:
+            if r["label"] in seen:
+                continue
+            seen.add(r["label"])
+            accs = [q["val_acc"] for q in rows if q["label"] == r["label"]]
+            ax.errorbar(r["mflops"], statistics.mean(accs), yerr=nz["run"], fmt="o", capsize=3,
+                        color="0.4" if r["baseline"] else "tab:blue")
+            ax.annotate(f"{r['label']}\n{statistics.mean(accs):.1f}%", (r["mflops"],
+                        statistics.mean(accs)), textcoords="offset points", xytext=(6, -12),
+                        fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("forward MFLOPs per image (log scale)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        view = ("equal training time" if rows[0]["config"]["time_budget"]
+                else "equal images seen")
+        ax.set_title(f"{view}: {budget_text(rows[0]['config'])} per run", fontsize=10)
+    axes[0].set_ylabel("validation accuracy (%)\n(error bars: one run's noise)")
+    fig.suptitle(f"{study.name}: the same runs under two budgets", fontsize=11)
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -554,8 +738,13 @@ def report(study: Study, res: Results, fig_dir: Path) -> None:
     text = table(study, res)
     print("\n" + text)
     res.table_path.write_text(text)
-    plot(study, res, plot_path(fig_dir, study.name))
-    print(f"table {res.table_path}, plot {plot_path(fig_dir, study.name)}")
+    plot(study, res, plot_path(fig_dir, res.name))
+    print(f"table {res.table_path}, plot {plot_path(fig_dir, res.name)}")
+    timed, epochs = (Results(res.path.parent, n) for n in (study.name, f"{study.name}_epochs"))
+    if timed.rows and epochs.rows and study.plot == "bars":
+        views = plot_path(fig_dir, f"{study.name}_views")
+        plot_views(study, timed, epochs, views)
+        print(f"both views: {views}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,11 +29,12 @@ CNN = "resnet_cifar"
 MODELS = (*CIFAR_PRESETS, CNN)
 # Settings that exist for the ViT only; the CNN must keep their defaults (and Muon is refused for
 # it: Muon takes the blocks' matrices).
-VIT_ONLY = ("patch_drop", "full_token_epochs", "res_schedule", "drop_path", "dropout", "embed_dim",
-            "depth", "num_heads", "mlp_ratio")
-# Settings that say where things go, not what is trained: not part of a run's identity.
+VIT_ONLY = ("patch_drop", "full_token_epochs", "full_token_frac", "res_schedule", "drop_path",
+            "dropout", "embed_dim", "depth", "num_heads", "mlp_ratio")
+# Settings that say where things go or what is recorded, not what is trained: not part of a
+# run's identity.
 PLACE = ("data_dir", "download", "out_dir", "run_name", "overwrite", "wandb", "wandb_project",
-         "device", "threads")
+         "device", "threads", "log_csv", "measure_speed")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -57,6 +58,9 @@ class TrainConfig:
     patch_drop: float = _f(0.0, "fraction of patch tokens dropped in training (faster steps)")
     full_token_epochs: int = _f(0, "train the last N epochs without patch dropout (with "
                                 "--time-budget: the time they are expected to take)")
+    full_token_frac: float = _f(0.0, "train the last fraction of the run (of the time with "
+                                "--time-budget, of the steps otherwise) without patch dropout; "
+                                "replaces --full-token-epochs (0: off)")
     res_schedule: str = _f("", "progressive resolution, 'SIZE:UNTIL,...': train on images "
                            "downscaled to SIZE x SIZE until the fraction UNTIL of the decay is "
                            "done, then at full size, e.g. '16:0.3,24:0.6'; the position "
@@ -74,11 +78,15 @@ class TrainConfig:
     # optimisation
     epochs: int = _f(30, "number of epochs (with --time-budget: the most epochs); with --resume, "
                      "a new value re-plans the cosine decay to end at the new last epoch")
-    time_budget: float = _f(0.0, "minutes of training (evaluation included): the cosine decay "
+    time_budget: float = _f(0.0, "minutes of training (see --clock): the cosine decay "
                             "follows the time spent (read every --log-every steps) instead of "
                             "the step count and the run stops when it is spent; resuming such a "
                             "run is not bit-exact; with --resume, a new value re-plans the decay "
                             "to end at the new budget (0: off)")
+    clock: str = _f("wall", "what --time-budget counts: 'wall' (everything: evaluation and "
+                    "saving included, so the whole command fits the budget) or 'train' (the "
+                    "training steps only; evaluation and saving are timed apart: equal training "
+                    "time for comparisons)")
     batch_size: int = _f(128, "global batch size (split across DDP processes)")
     optimizer: str = _f("adamw", "'adamw'; 'sgd' (with --momentum, the paper's fine-tuning, "
                         "Appendix B.1.1); or 'muon': Muon for the 2D weight matrices of the "
@@ -93,6 +101,9 @@ class TrainConfig:
     decay: str = _f("cosine", "shape of the decay after the warmup: 'cosine' or 'linear' (to "
                     "min_lr)")
     warmup_epochs: float = _f(2.0, "linear warmup length in epochs (per-step schedule)")
+    warmup_frac: float = _f(0.0, "linear warmup as a fraction of the run (of the time with "
+                            "--time-budget, of the steps otherwise); replaces --warmup-epochs "
+                            "(0: off)")
     weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, pos_embed, "
                              "cls_token)")
     beta2: float = _f(0.999, "AdamW beta2")
@@ -133,6 +144,10 @@ class TrainConfig:
     overwrite: bool = _f(False, "let a new run replace the checkpoints of an earlier run of the "
                          "same --run-name, and --export replace an exported file (never a run's "
                          "checkpoint)")
+    log_csv: str = _f("", "the experiments log: one row per run appended to this CSV file "
+                      "('': OUT_DIR/experiments.csv; 'off': none)")
+    measure_speed: bool = _f(True, "measure the machine's reference speed (`python benchmark.py "
+                             "model`, a few seconds) before training, for the experiments log")
     wandb: str = _f("offline", "Weights & Biases mode: 'offline', 'online' or 'off'")
     wandb_project: str = _f("vit_from_scratch", "W&B project name")
     # speed and reproducibility
@@ -187,9 +202,10 @@ def preset(name: str | None = None, **changes: Any) -> TrainConfig:
 
 
 def as_cnn() -> dict[str, Any]:
-    """The changes that turn a ViT config into the CNN baseline's: the model, and every ViT-only
-    setting back to its default."""
-    return {"model": CNN, **{name: FIELDS[name].default for name in VIT_ONLY}}
+    """The changes that turn a ViT config into the CNN baseline's: the model, AdamW (Muon takes
+    the ViT blocks' matrices), and every ViT-only setting back to its default."""
+    return {"model": CNN, "optimizer": "adamw", "muon_lr": FIELDS["muon_lr"].default,
+            **{name: FIELDS[name].default for name in VIT_ONLY}}
 
 
 def model_config_of(cfg: TrainConfig, num_classes: int,
@@ -235,7 +251,7 @@ def flag(name: str) -> str:
 def validate(cfg: TrainConfig) -> None:
     """Every setting in its range, or a ValueError naming the flag, the rule and the value."""
     choices = {"model": MODELS, "optimizer": ("adamw", "sgd", "muon"),
-               "decay": ("cosine", "linear"),
+               "decay": ("cosine", "linear"), "clock": ("wall", "train"),
                "wandb": ("offline", "online", "off"), "device": ("auto", "cpu", "cuda"),
                "amp": ("auto", "bf16", "fp16", "off")}
     for name, allowed in choices.items():
@@ -262,6 +278,8 @@ def validate(cfg: TrainConfig) -> None:
         *((n, lambda v: 0 <= v <= 1, "in [0, 1]") for n in ("mix_prob", "erase_prob")),
         ("randaug_m", lambda v: 0 <= v <= 30, "in [0, 30]"),
         ("train_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+        *((n, lambda v: 0 <= v < 1, "in [0, 1) (0: off)") for n in ("warmup_frac",
+                                                                     "full_token_frac")),
     ]
     for name, ok, rule in rules:
         value = getattr(cfg, name)

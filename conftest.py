@@ -34,9 +34,10 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 # A tiny run: 500 images, 10 steps an epoch, D=32, 2 blocks; about a second an epoch on 2 cores.
 TINY = dict(epochs=1, batch_size=50, embed_dim=32, depth=2, num_heads=2, wandb="off", log_every=2,
-            eval_batch_size=100)
+            eval_batch_size=100, measure_speed=False)
 FAST = ["--epochs", "1", "--batch-size", "50", "--embed-dim", "32", "--depth", "2",
-        "--num-heads", "2", "--wandb", "off", "--log-every", "2", "--eval-batch-size", "100"]
+        "--num-heads", "2", "--wandb", "off", "--log-every", "2", "--eval-batch-size", "100",
+        "--no-measure-speed"]
 
 
 def easy_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

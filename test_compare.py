@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -51,7 +53,10 @@ def tiny_study(monkeypatch, name: str, runs: list[cc.Run], plot: str = "bars") -
 
 
 def rows(tmp_path: Path, study: str) -> list[dict]:
-    return json.loads((tmp_path / "res" / f"{study}.json").read_text())["rows"]
+    """The rows of a study's equal-time file, or else of its equal-epochs file."""
+    path = tmp_path / "res" / f"{study}.json"
+    path = path if path.is_file() else tmp_path / "res" / f"{study}_epochs.json"
+    return json.loads(path.read_text())["rows"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,9 +148,14 @@ def test_every_study_builds_valid_configs_that_change_one_thing():
     base = dataclasses.asdict(TrainConfig(**{**cc.BASE, **BUDGET}))
     for study in cc.STUDIES.values():
         keys = set()
-        assert [r.seed for r in study.runs if r.baseline] == [0, 1]
+        assert [r.seed for r in study.runs if r.baseline] == [0, 1, 2]
         for run in study.runs:
             cfg = cc.run_config(run, BUDGET, cc.BASE)  # validates
+            # every run: the same shares of its budget for the warmup and the full-token phase
+            # (the ResNet has no patch dropout), and only its training time counted
+            assert (cfg.warmup_frac, cfg.clock, cfg.warmup_epochs) == (0.1, "train", 1.0)
+            assert (cfg.full_token_frac, cfg.full_token_epochs) == (
+                (0.2, 1) if cfg.patch_drop else (0.0, 0))
             keys.add(cc.run_key(cfg))
             changed = {k for k, v in dataclasses.asdict(cfg).items() if v != base[k]} - {"seed"}
             assert changed == {k for k, v in run.changes.items() if v != base[k]}, (
@@ -162,16 +172,16 @@ def test_every_study_builds_valid_configs_that_change_one_thing():
     assert len({cc.run_key(cc.run_config(r, BUDGET, cc.BASE))
                 for s in cc.STUDIES.values() if s.name != "transfer" for r in s.runs
                 if r.baseline and r.seed == 0}) == 1
-    assert cc.BASE["val_split"] == 5000 and cc.BASE["optimizer"] == "adamw"
+    assert cc.BASE["val_split"] == 5000 and cc.BASE["optimizer"] == "muon"
 
 
 def test_patch_study_counts_flops_of_the_token_count():
     cfgs = [cc.run_config(r, BUDGET, cc.BASE) for r in cc.STUDIES["patch"].runs]
-    assert [c.patch_size for c in cfgs] == [4, 4, 2, 8]
+    assert [c.patch_size for c in cfgs] == [4, 4, 4, 2, 8]
     tokens = [tc.model_config_of(c, 10).num_tokens for c in cfgs]
-    assert tokens == [64, 64, 256, 16]  # (32 / P)^2 patches; GAP: no class token
+    assert tokens == [64, 64, 64, 256, 16]  # (32 / P)^2 patches; GAP: no class token
     mflops = [cc.model_cost(c, 10)[1] for c in cfgs]
-    assert mflops[3] < mflops[0] < mflops[2]
+    assert mflops[4] < mflops[0] < mflops[3]
 
 
 def test_cnn_flops_match_a_hand_count():
@@ -191,25 +201,111 @@ def test_cnn_flops_match_a_hand_count():
 
 
 @slow
-def test_two_run_study_writes_rows_table_and_plot(data_dir, tmp_path, monkeypatch, fast_machine,
-                                                  capsys):
-    tiny_study(monkeypatch, "two", cc.baseline("base"))
+def test_a_study_writes_rows_table_and_plot(data_dir, tmp_path, monkeypatch, fast_machine,
+                                            capsys):
+    tiny_study(monkeypatch, "two", [*cc.baseline("base"), cc.Run("lr", {"lr": 3e-4})])
     compare(tmp_path, data_dir, "--study", "two", "--epochs", "2")
     got = rows(tmp_path, "two")
-    assert [(r["label"], r["seed"], r["epochs"]) for r in got] == [("base", 0, 2), ("base", 1, 2)]
+    # the baseline's seeds at the start, the middle and the end
+    assert [(r["label"], r["seed"], r["epochs"]) for r in got] == [
+        ("base", 0, 2), ("lr", 0, 2), ("base", 1, 2), ("base", 2, 2)]
+    assert [r["started"] for r in got] == sorted(r["started"] for r in got)
     for r in got:
         ckpt = load_checkpoint(Path(r["run_dir"]) / "last.pt")
         assert r["val_acc"] == round(100 * ckpt["best_acc"], 2)
+        right = np.unpackbits(np.frombuffer(bytes.fromhex(r["val_correct"]), np.uint8))
+        assert right[:r["val_images"]].mean() * 100 == pytest.approx(r["val_acc"], abs=0.006)
         assert r["config"]["seed"] == r["seed"] and r["machine"] == {
             "cpu": "test CPU", "ref_img_s": 400.0, "torch": torch.__version__}
         assert r["train_images"] == 400 and r["command"].startswith(
             "python train_cifar10.py --preset cpu")
-    a, b = (r["val_acc"] for r in got)
-    table = (tmp_path / "res" / "two.md").read_text()
-    assert f"spread {abs(a - b):.2f} points" in table and f"mean {(a + b) / 2:.2f}%" in table
+        # 2 epochs of 8 steps of 50 images; the last 20% of the steps (4 of 16) with all tokens
+        ph = r["phases"]
+        assert r["images_seen"] == 800 and ph["full_token_share"] > 0
+        assert ph["train_s"] + ph["eval_s"] <= ph["wall_s"]
+        assert ph["drop_img_s"] > ph["full_img_s"] > 0  # patch dropout: faster steps
+        hist = ckpt["history"]
+        assert sum(h["full_images"] for h in hist) == 4 * 50
+    base = [r["val_acc"] for r in got if r["baseline"]]
+    mean, sd = np.mean(base), np.std(base, ddof=1)
+    se = 100 * math.sqrt(mean / 100 * (1 - mean / 100) / 100)
+    sigma = math.sqrt(sd ** 2 * (1 + 1 / 3) + se ** 2)
+    table = (tmp_path / "res" / "two_epochs.md").read_text()
+    assert f"均值 {mean:.2f}%" in table and f"s = {sd:.2f}" in table and f"se = {se:.2f}" in table
+    assert f"= {sigma:.2f} 个百分点" in table
     assert table in capsys.readouterr().out
-    with Image.open(tmp_path / "fig" / "study_two.png") as im:
+    with Image.open(tmp_path / "fig" / "study_two_epochs.png") as im:
         assert im.size[0] > 500
+
+
+def hand_row(label: str, acc: float, right: list[bool], seed: int = 0, baseline: bool = False,
+             ref: float = 400.0, started: str = "2026-01-01T10:00:00+0000") -> dict:
+    run = cc.Run(label, {}, seed, baseline)
+    row = fake_row("s", run, cc.run_config(run, BUDGET, cc.BASE),
+                   {"cpu": "test CPU", "ref_img_s": ref, "torch": "2"})
+    return {**row, "val_acc": acc, "val_images": len(right), "started": started,
+            "val_correct": np.packbits(np.array(right)).tobytes().hex()}
+
+
+def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_images():
+    # 20 images: both right on 6, only the variant on 10, only the baseline on 2, both wrong on 2
+    variant = [True] * 6 + [True] * 10 + [False] * 2 + [False] * 2
+    base = [True] * 6 + [False] * 10 + [True] * 2 + [False] * 2
+    a, b = hand_row("v", 80.0, variant), hand_row("b", 40.0, base, baseline=True)
+    # P(X <= 2) for X ~ Binomial(12, 1/2), both tails: 2 * (1 + 12 + 66) / 4096
+    assert cc.mcnemar(a, b) == pytest.approx(2 * 79 / 4096) == cc.mcnemar(b, a)
+    assert cc.mcnemar(a, a) == 1.0
+
+
+def test_the_noise_rule_decides_which_differences_are_real():
+    """Three baseline seeds at 60, 61 and 62% on 5,000 images: s = 1, se = sqrt(.61 * .39 /
+    5000) = 0.69 points, sigma = sqrt(1 * 4/3 + se^2) = 1.33; a variant 2.5 points up is within
+    2 sigma (not real), 3 points up is beyond it."""
+    right = [True] * 5000
+    rows = [hand_row("base", acc, right, seed, True) for seed, acc in enumerate((60, 61, 62))]
+    nz = cc.noise(rows)
+    se = 100 * math.sqrt(0.61 * 0.39 / 5000)
+    assert (nz["mean"], nz["sd"], nz["k"]) == (61, 1, 3) and nz["se"] == pytest.approx(se)
+    assert nz["sigma"] == pytest.approx(math.sqrt(4 / 3 + se ** 2))
+    study = cc.Study("s", "q", [cc.Run("base", {}, s, True) for s in range(3)]
+                     + [cc.Run("up 2.5"), cc.Run("up 3", seed=1)])
+    res = cc.Results.__new__(cc.Results)
+    res.name, res.rows = "s", [*rows, hand_row("up 2.5", 63.5, right),
+                               hand_row("up 3", 64.0, right, seed=1)]
+    text = cc.table(study, res)
+    assert "| up 2.5 | 0 | 63.50% | +2.50 | 否 |" in text
+    assert "| up 3 | 1 | 64.00% | +3.00 | 是 |" in text
+
+
+def test_rows_measured_far_from_the_first_reference_speed_are_flagged():
+    right = [True] * 100
+    rows = [hand_row("base", 60.0, right, 0, True, 400.0, "2026-01-01T10:00:00+0000"),
+            hand_row("base", 60.0, right, 1, True, 450.0, "2026-01-01T11:00:00+0000"),
+            hand_row("base", 60.0, right, 2, True, 350.0, "2026-01-01T12:00:00+0000")]
+    study = cc.Study("s", "q", [cc.Run("base", {}, s, True) for s in range(3)])
+    res = cc.Results.__new__(cc.Results)
+    res.name, res.rows = "s", rows
+    lines = [line for line in cc.table(study, res).splitlines() if line.startswith("| base")]
+    flagged = [line.endswith(f" ⚠ | 01-01 1{h}:00 |") for line, h in zip(lines, "012", strict=True)]
+    assert flagged == [False, True, True]  # +12.5% and -12.5% from the first run's 400 img/s
+
+
+def test_the_baseline_seeds_are_interleaved_with_the_variants():
+    todo = ["b0", "v1", "v2", "b1", "v3", "v4", "b2"]
+    mixed = cc.interleaved(sorted(todo), lambda t: t.startswith("b"))
+    assert mixed == ["b0", "v1", "v2", "b1", "v3", "v4", "b2"]
+    assert cc.interleaved(["b0", "b1", "b2", "v1"], lambda t: t[0] == "b") == [
+        "b0", "b1", "v1", "b2"]
+    assert cc.interleaved(["v1"], lambda t: t[0] == "b") == ["v1"]
+
+
+def test_runs_of_another_budget_are_refused_in_one_table(tmp_path):
+    res = cc.Results(tmp_path, "s")
+    res.add(a_row("a"))  # 4 minutes
+    with pytest.raises(ValueError, match="holds runs of 4 min each; this command runs 6 min"):
+        cc.check_budget(res.rows, {"time_budget": 6.0, "epochs": 1000}, "s.json")
+    cc.check_budget(res.rows, BUDGET, "s.json")
+    assert cc.results_name("patch", {"time_budget": 0.0, "epochs": 3}) == "patch_epochs"
 
 
 @slow
@@ -220,8 +316,8 @@ def test_rerun_skips_finished_rows_and_reuses_the_baseline(data_dir, tmp_path, m
     compare(tmp_path, data_dir, "--study", "one", "--epochs", "1")
     calls = []
     real_train = tc.train
-    monkeypatch.setattr(tc, "train", lambda cfg, resume=None, data=None: calls.append(cfg)
-                        or real_train(cfg, resume, data))
+    monkeypatch.setattr(tc, "train", lambda cfg, resume=None, data=None, ref_img_s=None:
+                        calls.append(cfg) or real_train(cfg, resume, data))
     compare(tmp_path, data_dir, "--study", "one", "other", "--epochs", "1")
     assert len(calls) == 1 and calls[0].lr == 3e-4  # only the new run trained
     assert "same run as one/'base', reused" in capsys.readouterr().out
@@ -236,7 +332,7 @@ def test_an_interrupted_study_keeps_its_rows_and_resumes(data_dir, tmp_path, mon
     tiny_study(monkeypatch, "three", [*cc.baseline("base"), cc.Run("lr", {"lr": 3e-4})])
     real_train = tc.train
 
-    def interrupted_after_one_epoch(cfg, resume=None, data=None):
+    def interrupted_after_one_epoch(cfg, resume=None, data=None, ref_img_s=None):
         if cfg.seed == 1:  # Ctrl-C in the second run, after its first epoch
             real_train(cfg.replace(stop_at_epoch=1), resume, data)
             raise SystemExit(130)
@@ -252,7 +348,7 @@ def test_an_interrupted_study_keeps_its_rows_and_resumes(data_dir, tmp_path, mon
     assert "continuing 'base' from" in capsys.readouterr().out
     got = rows(tmp_path, "three")
     assert [(r["label"], r["seed"], r["epochs"]) for r in got] == [
-        ("base", 0, 2), ("base", 1, 2), ("lr", 0, 2)]
+        ("base", 0, 2), ("base", 1, 2), ("lr", 0, 2), ("base", 2, 2)]
 
 
 @slow
@@ -337,8 +433,11 @@ def fake_row(study: str, run: cc.Run, cfg: TrainConfig, machine: dict) -> dict:
             "line": run.line, "x": run.x, "key": cc.run_key(cfg),
             "config": dataclasses.asdict(cfg), "command": "python train_cifar10.py",
             "val_acc": 50.0 + run.seed, "test_acc": 49.0, "epochs": cfg.epochs, "minutes": 0.1,
-            "images_per_sec": 100.0, "train_images": 400, "params": 1000, "mflops": 1.0,
-            "machine": machine, "date": "2025-01-01", "run_dir": ""}
+            "images_per_sec": 100.0, "train_images": 400, "images_seen": 800, "params": 1000,
+            "mflops": 1.0, "machine": machine, "date": "2025-01-01", "run_dir": "",
+            "started": "2025-01-01T00:00:00+0000", "val_images": 8, "val_correct": "f0",
+            "phases": {"train_s": 6.0, "eval_s": 1.0, "save_other_s": 0.5, "wall_s": 7.5,
+                       "drop_img_s": 100.0, "full_img_s": 50.0, "full_token_share": 0.2}}
 
 
 @pytest.fixture
@@ -346,12 +445,12 @@ def fake_training(monkeypatch, fast_machine) -> list[tuple[str, str, int]]:
     """Runs that finish at once with a made-up row; the list of (study, label, seed) trained."""
     trained: list[tuple[str, str, int]] = []
 
-    def train_run(study, run, cfg, args, data, rows):
+    def train_run(study, run, cfg, args, data, rows, ref):
         trained.append((study, run.label, run.seed))
         return Path(args.checkpoint_dir) / study / f"{study}-{cc.run_key(cfg)}"
 
     monkeypatch.setattr(cc, "train_run", train_run)
-    monkeypatch.setattr(cc, "make_row", lambda study, run, cfg, run_dir, data, machine:
+    monkeypatch.setattr(cc, "make_row", lambda study, run, cfg, run_dir, data, machine, started:
                         fake_row(study, run, cfg, machine))
     return trained
 
@@ -420,7 +519,7 @@ def test_a_broken_results_file_is_refused_before_training_and_left_as_it_is(
     could be reused). After: one line `error:` naming the file and what to do, nothing trained,
     the file byte for byte as it was."""
     tiny_study(monkeypatch, "two", cc.baseline("base"))
-    path = tmp_path / "res" / f"{whose}.json"
+    path = tmp_path / "res" / f"{whose}_epochs.json"
     path.parent.mkdir()
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     before = path.read_bytes()
@@ -486,8 +585,9 @@ def test_a_vit_only_setting_stays_allowed_in_set_for_the_data_study(data_dir, tm
     assert got == {("vit_cifar_tiny", 64), ("resnet_cifar", TrainConfig().embed_dim)}
 
 
-@pytest.mark.parametrize("folder", ["res/two.json", "res/two.json.tmp", "res/.two.json.lock",
-                                    "res/two.md", "fig/study_two.png"])
+@pytest.mark.parametrize("folder", ["res/two_epochs.json", "res/two_epochs.json.tmp",
+                                    "res/.two_epochs.json.lock", "res/two_epochs.md",
+                                    "fig/study_two_epochs.png"])
 def test_a_folder_where_an_output_file_goes_fails_before_the_first_run(
         data_dir, tmp_path, monkeypatch, fake_training, capsys, folder):
     """Before: FOLDER (where the study writes its rows, their temporary or lock file, its table
@@ -502,8 +602,8 @@ def test_a_folder_where_an_output_file_goes_fails_before_the_first_run(
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert f"{tmp_path / folder} is a folder" in err
     assert fake_training == [] and list((tmp_path / folder).iterdir()) == []
-    assert not (tmp_path / "res" / "two.json").is_file()
-    assert not (tmp_path / "res" / "two.json.tmp").is_file()
+    assert not (tmp_path / "res" / "two_epochs.json").is_file()
+    assert not (tmp_path / "res" / "two_epochs.json.tmp").is_file()
 
 
 @pytest.mark.parametrize("option", ["--out", "--fig-dir", "--checkpoint-dir"])
@@ -519,7 +619,7 @@ def test_an_output_folder_that_cannot_be_written_fails_before_the_first_run(
                 option, str(tmp_path / where))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {option} ") and err.count("\n") == 1
-    assert fake_training == [] and not (tmp_path / "res" / "two.json").exists()
+    assert fake_training == [] and not (tmp_path / "res" / "two_epochs.json").exists()
     assert (tmp_path / "file").read_text() == "a file\n"
 
 
@@ -531,19 +631,19 @@ def test_default_outputs_leave_the_committed_results_and_figures_alone(
     outputs/results/ and outputs/figures/."""
     tiny_study(monkeypatch, "two", cc.baseline("base"))
     monkeypatch.chdir(tmp_path)
-    committed = {Path("results/two.json"): json.dumps(_good_file()).encode(),
-                 Path("results/two.md"): b"the guide's table\n",
-                 Path("figures/study_two.png"): b"the guide's plot"}
+    committed = {Path("results/two_epochs.json"): json.dumps(_good_file()).encode(),
+                 Path("results/two_epochs.md"): b"the guide's table\n",
+                 Path("figures/study_two_epochs.png"): b"the guide's plot"}
     for path, content in committed.items():
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(content)
     cc.main(["--study", "two", "--epochs", "1", "--data-dir", str(data_dir),
              "--checkpoint-dir", "ck", "--set", *SMALL])
     assert {p: p.read_bytes() for p in committed} == committed
-    assert fake_training == [("two", "base", 0), ("two", "base", 1)]
-    assert len(json.loads(Path("outputs/results/two.json").read_text())["rows"]) == 2
-    assert Path("outputs/results/two.md").is_file()
-    assert Path("outputs/figures/study_two.png").is_file()
+    assert fake_training == [("two", "base", 0), ("two", "base", 1), ("two", "base", 2)]
+    assert len(json.loads(Path("outputs/results/two_epochs.json").read_text())["rows"]) == 3
+    assert Path("outputs/results/two_epochs.md").is_file()
+    assert Path("outputs/figures/study_two_epochs.png").is_file()
     args = cc.parse_args(["--study", "two", "--epochs", "1"])
     assert (args.out, args.fig_dir) == ("outputs/results", "outputs/figures")
     assert "--out results --fig-dir figures" in " ".join(cc.__doc__.split())
@@ -553,8 +653,9 @@ def test_the_committed_results_files_stay_readable(repo):
     """Before and after: results/*.json as committed; each reads as rows of its study."""
     for path in sorted((repo / "results").glob("*.json")):
         res = cc.Results(repo / "results", path.stem)
-        assert res.rows and {r["study"] for r in res.rows} == {path.stem}
-        assert cc.table(cc.STUDIES[path.stem], res).startswith(f"### {path.stem}")
+        study = path.stem.removesuffix("_epochs")
+        assert res.rows and {r["study"] for r in res.rows} == {study}
+        assert cc.table(cc.STUDIES[study], res).startswith(f"### {path.stem}")
 
 
 @pytest.mark.slow
@@ -568,7 +669,7 @@ def test_the_transfer_study_fine_tunes_from_its_own_source_runs(data_dir, tmp_pa
              str(tmp_path / "fig"), "--checkpoint-dir", str(tmp_path / "ck"), "--study",
              "transfer", "--epochs", "1", "--set", *without_val_split, "batch_size=4"])
     got = {r["label"]: r for r in rows(tmp_path, "transfer")}
-    assert len(got) == len(runs) - 1  # the baseline's two seeds share a label
+    assert len(got) == len(runs) - 2  # the baseline's three seeds share a label
     source = load_checkpoint(Path(got["ViT source, 5 classes"]["run_dir"]) / "best.pt")
     assert source["classes"] == cc.SOURCE.split(",")
     for label, src in (("ViT fine-tuned, 10%", "ViT source, 5 classes"),

@@ -105,6 +105,71 @@ def test_time_budget_carries_elapsed_time_over_a_resume_and_replans():
     assert list(stopping.remaining_epochs(1, 10)) == [1, 2, 3]
 
 
+def simulate(cfg: TrainConfig, step_s: float, steps_per_epoch: int = 50, eval_s: float = 0.0
+             ) -> dict[str, float]:
+    """A run of cfg with a fake clock, as train() drives the Schedule: `step_s` a step with patch
+    dropout, step_s / (1 - patch_drop) without, `eval_s` for each epoch's evaluation (paused);
+    returns when (as a fraction of the training time) the warmup ended and the full-token phase
+    began, the training and the wall time."""
+    clock = FakeClock()
+    s = tc.Schedule(cfg, steps_per_epoch, clock=clock)
+    step, warm_end, full_start, trained = 0, None, None, 0.0
+    for _ in s.remaining_epochs(0, 0):
+        for i in range(steps_per_epoch):
+            if s.reads_every_step:
+                s.read(step)
+            lr = s.lr(step)
+            if warm_end is None and (lr >= cfg.lr * (1 - 1e-9) or s.progress(step) > 0):
+                warm_end = trained
+            full = s.full_tokens_at(step)
+            if full and full_start is None:
+                full_start = trained
+            dt = step_s / (1 - cfg.patch_drop) if full else step_s
+            clock.t += dt
+            trained += dt
+            step += 1
+            if (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch:
+                s.read(step)
+                if s.spent:
+                    break
+        with s.paused():
+            clock.t += eval_s
+        s.read(step)
+        if s.spent:
+            break
+    return {"warmup": warm_end / trained, "full": full_start / trained, "train_s": trained,
+            "elapsed_s": s.read(step), "wall_s": s.wall_s, "steps": step}
+
+
+@pytest.mark.parametrize("clock", ["train", "wall"])
+def test_warmup_and_full_token_phase_are_the_same_share_of_every_run(clock):
+    """--warmup-frac and --full-token-frac: a run 4x slower (a bigger model) spends the same
+    share of its time warming up and training with all tokens, by time and by steps."""
+    cfg = budget_config(time_budget=5.0, warmup_frac=0.1, full_token_frac=0.2, log_every=5,
+                        clock=clock)
+    fast, slow = simulate(cfg, 0.25), simulate(cfg, 1.0)
+    for run in (fast, slow):  # within one log interval of 5 steps (full-token steps cost 2x)
+        assert run["warmup"] == pytest.approx(0.1, abs=10 / run["train_s"] + 0.01)
+        assert run["full"] == pytest.approx(0.8, abs=10 / run["train_s"])
+    assert fast["steps"] > 3 * slow["steps"]  # the same shares of very different runs
+    by_steps = budget_config(epochs=10, warmup_frac=0.1, full_token_frac=0.2)
+    s = tc.Schedule(by_steps, 50)
+    assert s.warmup_steps == 50 and s.lr(49) == pytest.approx(by_steps.lr)
+    assert [s.full_tokens_at(st) for st in (399, 400)] == [False, True]  # 80% of 500 steps
+
+
+def test_the_training_clock_leaves_out_evaluation():
+    """--clock train: a 5-minute budget is 5 minutes of training whatever the evaluations cost
+    (here 30 s after each epoch); --clock wall counts them too."""
+    kw = dict(time_budget=5.0, warmup_frac=0.1, full_token_frac=0.2, log_every=5)
+    train = simulate(budget_config(clock="train", **kw), 0.5, eval_s=30.0)
+    wall = simulate(budget_config(clock="wall", **kw), 0.5, eval_s=30.0)
+    assert train["elapsed_s"] == pytest.approx(train["train_s"])
+    assert 300 <= train["train_s"] <= 300 + 5 * 1.25 and train["wall_s"] > train["train_s"] + 90
+    assert wall["elapsed_s"] == pytest.approx(wall["wall_s"])
+    assert wall["train_s"] < 300 - 90  # the evaluations took their share of the budget
+
+
 def test_the_cpu_preset_ends_within_its_hour_on_a_slow_machine():
     # A slow 2-core machine: 400 img/s with patch dropout (0.32 s a step), 2.5x slower without
     # it; the clock read every --log-every steps and by the full-token rule, as in train(). The

@@ -30,7 +30,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import checkpoint
+import experiments
 from checkpoint import (
     RESUME_KEYS,
     RunState,
@@ -101,7 +102,7 @@ def lr_at(step: int, progress: float, warmup_steps: int, lr: float, min_lr: floa
 
 class Schedule:
     """The plan of a run: the learning rate of each step, the image size of each epoch, which
-    epochs train with all tokens, and which epoch is the last.
+    steps train with all tokens, and which epoch is the last.
 
     By steps (no --time-budget): the decay progress is the fraction of the post-warmup steps of
     `epochs` epochs done; the last `full_token_epochs` epochs train without patch dropout.
@@ -111,18 +112,26 @@ class Schedule:
     that log interval and evaluated on all images (`spent`); patch dropout stops once the time
     left is about `full_token_epochs` epochs at the full-token cost (mean epoch time with dropout
     / (1 - patch_drop), the cost being linear in the tokens kept).
+    Fractions of the run (--warmup-frac, --full-token-frac) replace the epoch counts: the same
+    share of every run's steps, or of its time (the clock then read every step of the warmup),
+    whatever a step costs. With --clock train, evaluation and saving (`paused`) do not count.
     Elapsed time carries over a resume, and every DDP process uses rank 0's clock, so all of them
     take the same decisions. `clock` is injectable for tests.
     """
 
     def __init__(self, cfg: TrainConfig, steps_per_epoch: int, elapsed_s: float = 0.0,
-                 warmup_end_s: float | None = None, clock: Callable[[], float] = time.time) -> None:
+                 warmup_end_s: float | None = None, clock: Callable[[], float] = time.time,
+                 wall_s: float | None = None) -> None:
         self.cfg = cfg
         self.budget_s = cfg.time_budget * 60
-        self.warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
         self.total_steps = cfg.epochs * steps_per_epoch
+        self.warmup_steps = (round(cfg.warmup_frac * self.total_steps) if cfg.warmup_frac
+                             else round(cfg.warmup_epochs * steps_per_epoch))
+        if self.budget_s and cfg.warmup_frac:
+            self.warmup_steps = 0  # by time: see lr()
         self.clock = clock
         self.start = clock() - elapsed_s
+        self.wall_start = clock() - (elapsed_s if wall_s is None else wall_s)
         self.elapsed_s = elapsed_s  # the last reading
         self.warmup_end_s = warmup_end_s  # by time: the first reading after the warmup
 
@@ -138,11 +147,45 @@ class Schedule:
         return self.elapsed_s
 
     @property
+    def wall_s(self) -> float:
+        """Seconds since the run started, everything included (this process's clock)."""
+        return self.clock() - self.wall_start
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[dict[str, float]]:
+        """Time a piece of work outside training (evaluation, saving): yields a dict whose
+        "seconds" it fills; with --clock train, the work does not count against the budget."""
+        took = {"seconds": 0.0}
+        t0 = self.clock()
+        try:
+            yield took
+        finally:
+            took["seconds"] = self.clock() - t0
+            if self.cfg.clock == "train":
+                self.start += took["seconds"]
+
+    @property
     def spent(self) -> bool:
         return self.budget_s > 0 and self.elapsed_s >= self.budget_s
 
+    def fraction(self, step: int) -> float:
+        """The fraction of the run done at this step: of its steps, or of its time budget (as
+        of the last reading)."""
+        if self.budget_s:
+            return self.elapsed_s / self.budget_s
+        return step / max(1, self.total_steps)
+
+    @property
+    def reads_every_step(self) -> bool:
+        """A warmup by time reads the clock before every step."""
+        return bool(self.budget_s and self.cfg.warmup_frac
+                    and self.elapsed_s < self.cfg.warmup_frac * self.budget_s)
+
     def progress(self, step: int) -> float:
         """Fraction of the decay done at this step (0 during the warmup)."""
+        if self.budget_s and self.cfg.warmup_frac:
+            w = self.cfg.warmup_frac
+            return max(self.fraction(step) - w, 0.0) / (1 - w)
         if step < self.warmup_steps:
             return 0.0
         if not self.budget_s:
@@ -153,6 +196,8 @@ class Schedule:
 
     def lr(self, step: int) -> float:
         cfg = self.cfg
+        if self.budget_s and cfg.warmup_frac and self.fraction(step) < cfg.warmup_frac:
+            return cfg.lr * self.fraction(step) / cfg.warmup_frac  # linear warmup by time
         return lr_at(step, self.progress(step), self.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay)
 
     def image_size(self, step: int, full: int) -> int:
@@ -160,9 +205,13 @@ class Schedule:
         stages = resolution_stages(self.cfg.res_schedule)
         return next((size for size, until in stages if self.progress(step) < until), full)
 
+    def full_tokens_at(self, step: int) -> bool:
+        """--full-token-frac: whether this step trains without patch dropout."""
+        return self.fraction(step) >= 1 - self.cfg.full_token_frac
+
     def full_tokens(self, epoch: int, step: int, history: list[dict[str, Any]]) -> bool:
-        """Whether this epoch (0-based) trains without patch dropout; by time, it reads the
-        clock."""
+        """--full-token-epochs: whether this epoch (0-based) trains without patch dropout; by
+        time, it reads the clock."""
         cfg = self.cfg
         if not self.budget_s:
             return epoch >= cfg.epochs - cfg.full_token_epochs
@@ -317,6 +366,7 @@ def train_epoch(learner: Learner, batches: TrainBatches, schedule: Schedule, epo
     dev = batches.x.device
     loss_sum, correct = torch.zeros((), device=dev), torch.zeros((), device=dev)
     t_data = t_step = 0.0
+    phase = {"drop_time": 0.0, "drop_images": 0, "full_time": 0.0, "full_images": 0}
     t_epoch = t_ready = time.perf_counter()
     left = (schedule.budget_s - schedule.elapsed_s) / 60
     desc = (f"epoch {epoch + 1} ({left:.1f} min left)" if schedule.budget_s
@@ -328,12 +378,20 @@ def train_epoch(learner: Learner, batches: TrainBatches, schedule: Schedule, epo
             x = resize(x, size)  # then interpolates its position embedding)
         t0 = time.perf_counter()
         t_data += t0 - t_ready
+        if schedule.reads_every_step:
+            schedule.read(step)
+        if cfg.full_token_frac and cfg.patch_drop:  # a ViT setting (config.VIT_ONLY)
+            model.patch_drop_rate = 0.0 if schedule.full_tokens_at(step) else cfg.patch_drop
+        dropping = getattr(model, "patch_drop_rate", 0.0) > 0
         loss, logits = learner.step(x, target, schedule.lr(step))
         step += 1
         loss_sum += loss
         correct += (logits.argmax(1) == target.argmax(1)).sum()
-        t_ready = time.perf_counter()
+        t_last, t_ready = t_ready, time.perf_counter()
         t_step += t_ready - t0
+        kind = "drop" if dropping else "full"  # each step's time, its data included
+        phase[f"{kind}_time"] += t_ready - t_last
+        phase[f"{kind}_images"] += len(x) * (dist.get_world_size() if dist.is_initialized() else 1)
         if (i + 1) % cfg.log_every == 0 or i + 1 == len(batches):
             mean_loss = loss_sum.item() / (i + 1)  # one host sync per log interval
             if schedule.budget_s:
@@ -360,7 +418,7 @@ def train_epoch(learner: Learner, batches: TrainBatches, schedule: Schedule, epo
             "train_acc": correct.item() / (steps_done * len(x)), "lr": schedule.lr(step),
             "epoch_time": epoch_time, "images_per_sec": steps_done * cfg.batch_size / epoch_time,
             "data_time_frac": t_data / max(t_data + t_step, 1e-9),
-            "patch_drop": getattr(model, "patch_drop_rate", 0.0),
+            "patch_drop": getattr(model, "patch_drop_rate", 0.0), **phase,
             **({"downscaled": size} if size != full else {})}, step
 
 
@@ -375,12 +433,14 @@ def evaluate(model: nn.Module, x_all: Tensor, y_all: Tensor, mean: tuple[float, 
              std: tuple[float, ...], batch_size: int, amp_ctx: Any = None,
              tta_flip: bool = False) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix (rows: true class) of uint8 images (N, C, H, W) with
-    labels (N,), summed over the DDP processes (each holds its own share). With tta_flip the
-    logits are the mean of the image's and its mirror image's."""
+    labels (N,), summed over the DDP processes (each holds its own share), and the predicted
+    class of each image (N,) of this process. With tta_flip the logits are the mean of the
+    image's and its mirror image's."""
     model.eval()
     K = model.num_classes
     loss_sum = torch.zeros((), device=x_all.device)
     confusion = torch.zeros(K, K, dtype=torch.long, device=x_all.device)
+    preds = []
     size = model.config.img_size
     for i in range(0, len(x_all), batch_size):
         x, y = normalize(x_all[i:i + batch_size], mean, std), y_all[i:i + batch_size]
@@ -390,13 +450,15 @@ def evaluate(model: nn.Module, x_all: Tensor, y_all: Tensor, mean: tuple[float, 
             if tta_flip:
                 logits = (logits + model(x.flip(-1)).float()) / 2
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        confusion += torch.bincount(y * K + logits.argmax(1), minlength=K * K).view(K, K)
+        preds.append(logits.argmax(1))
+        confusion += torch.bincount(y * K + preds[-1], minlength=K * K).view(K, K)
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
         dist.all_reduce(confusion)
     n = confusion.sum().clamp(min=1)
     return {"loss": (loss_sum / n).item(), "acc": (confusion.diag().sum() / n).item(),
-            "confusion": confusion.cpu()}
+            "confusion": confusion.cpu(),
+            "pred": torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,15 +500,39 @@ def log_epoch(rec: dict[str, Any], evals: EvalSet, schedule: Schedule, wb: SafeW
             "data_time_frac": rec["data_time_frac"], **evaluated}, rec["step"])
 
 
+def log_run(path: Path, cfg: TrainConfig, run_dir: Path, run: RunState, evals: EvalSet,
+            started: str, status: str, device: torch.device, ref_img_s: float | None) -> None:
+    """The run's row in the experiments log (experiments.py)."""
+    hist = run.history
+    train_s = sum(h["epoch_time"] for h in hist)
+    images = sum(h["images_per_sec"] * h["epoch_time"] for h in hist)
+    command = config_command(cfg)
+    words = command.split()[2:]  # after "python train_cifar10.py"
+    preset = words[1] if words[:1] == ["--preset"] else ""
+    experiments.append_row(path, {
+        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": status,
+        "run": str(run_dir), "command": command, "preset": preset,
+        "changes": " ".join(words[2:] if preset else words), "model": cfg.model, "seed": cfg.seed,
+        "eval_set": evals.name, "best_acc": round(100 * run.best_acc, 2), "epochs": run.epoch,
+        "train_min": round(hist[-1]["elapsed_min"], 2),
+        "wall_min": round(hist[-1].get("wall_min", hist[-1]["elapsed_min"]), 2),
+        "images_per_sec": round(images / max(train_s, 1e-9), 1),
+        "device": str(device), "cpu": experiments.cpu_name(),
+        "ref_img_s": None if ref_img_s is None else round(ref_img_s, 1),
+        "torch": torch.__version__})
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | None = None
-          ) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | None = None,
+          ref_img_s: float | None = None) -> dict[str, Any]:
     """A training run of `cfg`; with `resume` (a last.pt or run folder), the continuation of that
     run, `cfg` being its saved config with any changes (config.config_from_args); `data` skips
-    loading --data-dir (a caller running many runs on the same data, like compare_configs.py)."""
+    loading --data-dir (a caller running many runs on the same data, like compare_configs.py);
+    `ref_img_s`, the machine's reference speed for the experiments log, if the caller has just
+    measured it."""
     validate(cfg)
     if resume:  # a file of the right kind, before its folder is touched
         load_checkpoint(resume, required=RESUME_KEYS, mmap=True)
@@ -460,7 +546,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | 
     # rank 0 holds the run folder, before anything in it is read, until the run ends
     held = checkpoint.hold_run_dir(run_dir, not resume, cfg.overwrite) if rank == 0 else None
     try:
-        return _train(cfg, resume, data, run_dir, device, rank, world)
+        return _train(cfg, resume, data, run_dir, device, rank, world, ref_img_s)
     finally:
         if held:
             held.close()
@@ -468,9 +554,16 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, data: ImageData | 
 
 
 def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, run_dir: Path,
-           device: torch.device, rank: int, world: int) -> dict[str, Any]:
+           device: torch.device, rank: int, world: int, ref_img_s: float | None
+           ) -> dict[str, Any]:
     """train() in its held run folder."""
     is_main = rank == 0
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    log_csv = experiments.log_path(cfg.log_csv, str(run_dir.parent)) if is_main else None
+    if log_csv:
+        experiments.check_log(log_csv)
+        if ref_img_s is None and cfg.measure_speed:
+            ref_img_s = experiments.reference_speed()  # before the run: speed drifts
     ckpt = load_checkpoint(resume, required=RESUME_KEYS) if resume else None
     if ckpt:
         check_same_model(cfg, ckpt["model_config"])
@@ -504,9 +597,10 @@ def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, 
     run = RunState.from_checkpoint(ckpt)
     if ckpt:
         learner.load_state_dict(ckpt)
-    schedule = Schedule(cfg, len(batches),
-                        elapsed_s=run.history[-1]["elapsed_min"] * 60 if run.history else 0.0,
-                        warmup_end_s=(ckpt or {}).get("time_budget", {}).get("warmup_end_s"))
+    last_rec = run.history[-1] if run.history else {}
+    schedule = Schedule(cfg, len(batches), elapsed_s=last_rec.get("elapsed_min", 0.0) * 60,
+                        warmup_end_s=(ckpt or {}).get("time_budget", {}).get("warmup_end_s"),
+                        wall_s=last_rec.get("wall_min", last_rec.get("elapsed_min", 0.0)) * 60)
     wb = SafeWandb(cfg.wandb if is_main else "off", cfg.wandb_project, run_dir.name, str(run_dir),
                    run.wandb_run_id, dataclasses.asdict(cfg))
     run.wandb_run_id = wb.id
@@ -520,35 +614,44 @@ def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, 
               + (f" ({evals.subset} between epochs)" if evals.subset else ""))
 
     stop = StopFlag()
+    save_s = 0.0  # time spent saving checkpoints (this process, this call)
     try:
         for epoch in schedule.remaining_epochs(run.epoch, run.step):
-            if cfg.patch_drop:  # a ViT setting (config.VIT_ONLY)
+            if cfg.patch_drop and not cfg.full_token_frac:  # a ViT setting (config.VIT_ONLY)
                 full = schedule.full_tokens(epoch, run.step, run.history)
                 learner.model.patch_drop_rate = 0.0 if full else cfg.patch_drop
             rec, run.step = train_epoch(learner, batches, schedule, epoch, run.step, stop, wb.log,
                                         is_main)
             final = schedule.is_last(epoch)  # the last epoch is evaluated on all images
-            if final or (epoch + 1) % cfg.eval_every == 0:
-                sub = bool(evals.subset) and not final
-                res = evaluate(eval_model, evals.sub_x if sub else evals.x,
-                               evals.sub_y if sub else evals.y, mean, std, cfg.eval_batch_size,
-                               learner.amp_ctx, cfg.tta_flip and not sub)
-                rec.update(eval_loss=res["loss"], eval_acc=res["acc"],
-                           eval_images=evals.subset if sub else evals.size)
+            with schedule.paused() as took:
+                if final or (epoch + 1) % cfg.eval_every == 0:
+                    sub = bool(evals.subset) and not final
+                    res = evaluate(eval_model, evals.sub_x if sub else evals.x,
+                                   evals.sub_y if sub else evals.y, mean, std,
+                                   cfg.eval_batch_size, learner.amp_ctx, cfg.tta_flip and not sub)
+                    rec.update(eval_loss=res["loss"], eval_acc=res["acc"],
+                               eval_images=evals.subset if sub else evals.size)
+            rec["eval_time"] = took["seconds"]
             rec["elapsed_min"] = schedule.read(run.step) / 60
+            rec["wall_min"] = schedule.wall_s / 60
             run.history.append(rec)
             run.epoch = epoch + 1
             is_best = rec.get("eval_images") == evals.size and rec["eval_acc"] > run.best_acc
             run.best_acc = rec["eval_acc"] if is_best else run.best_acc
             if is_main:
                 log_epoch(rec, evals, schedule, wb)
-                state = checkpoint.run_checkpoint(
-                    dataclasses.asdict(cfg), mcfg.to_dict(), learner.state_dict(), run,
-                    schedule.state_dict(), list(data.classes), mean, std)
-                checkpoint.save_run(state, run_dir, is_best, first=not ckpt and run.epoch == 1)
+                with schedule.paused() as took:
+                    state = checkpoint.run_checkpoint(
+                        dataclasses.asdict(cfg), mcfg.to_dict(), learner.state_dict(), run,
+                        schedule.state_dict(), list(data.classes), mean, std)
+                    checkpoint.save_run(state, run_dir, is_best,
+                                        first=not ckpt and run.epoch == 1)
+                save_s += took["seconds"]
             if final:  # (a budget spent during this epoch's evaluation: the next epoch stops
                 break  # at its first clock reading and ends the run with a full evaluation)
     except KeyboardInterrupt:
+        if log_csv and run.history:
+            log_run(log_csv, cfg, run_dir, run, evals, started, "interrupted", device, ref_img_s)
         if is_main:
             last = run_dir / "last.pt"
             print(f"interrupted; {last} holds the {run.epoch} finished epochs, continue with: "
@@ -566,7 +669,11 @@ def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, 
         flip = " (each image averaged with its mirror image)" if cfg.tta_flip else ""
         print(f"done: best {evals.name} accuracy {100 * run.best_acc:.2f}%{flip}, checkpoints in "
               f"{run_dir}")
-    return {"best_acc": run.best_acc, "history": run.history, "run_dir": str(run_dir)}
+        if log_csv:
+            log_run(log_csv, cfg, run_dir, run, evals, started, "finished", device, ref_img_s)
+            print(f"experiments log: {log_csv}")
+    return {"best_acc": run.best_acc, "history": run.history, "run_dir": str(run_dir),
+            "save_s": save_s}
 
 
 # --------------------------------------------------------------------------------------------
