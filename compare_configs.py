@@ -324,10 +324,14 @@ class Results:
         return next((r for r in self.rows if r["key"] == key), None)
 
     def add(self, row: dict[str, Any]) -> None:
+        """Add a row under the lock, refusing one of another budget or machine than the rows
+        already there (another process may have written them since this one started)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the others; closing the file releases it
             self.rows = read_rows(self.path)  # with the rows other processes added meanwhile
+            check_budget(self.rows, row["config"], str(self.path))
+            check_machine(self.rows, row["machine"], str(self.path))
             if not any(r["key"] == row["key"] and r["label"] == row["label"] for r in self.rows):
                 self.rows.append(row)  # (unless another process just added the same run)
             self.tmp_path.write_text(
@@ -355,15 +359,25 @@ def check_budget(rows: list[dict[str, Any]], budget: dict[str, Any], where: str)
                              f"same budget)")
 
 
-def check_machine(rows: list[dict[str, Any]], ref: float, where: str) -> None:
-    """One table, one machine: refuse to mix reference speeds."""
+def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two machine records that may share a table: the same device and thread count (where
+    recorded), reference speeds within SAME_MACHINE of each other."""
+    ra, rb = a["ref_img_s"], b["ref_img_s"]
+    return (max(ra / rb, rb / ra) <= SAME_MACHINE
+            and all(a.get(k, b.get(k)) == b.get(k, a.get(k)) for k in ("device", "threads")))
+
+
+def check_machine(rows: list[dict[str, Any]], machine: dict[str, Any], where: str) -> None:
+    """One table, one machine: refuse rows whose machine differs from any row's already there."""
     for r in rows:
-        theirs = r["machine"]["ref_img_s"]
-        if max(theirs / ref, ref / theirs) > SAME_MACHINE:
+        if not same_machine(r["machine"], machine):
+            theirs, ours = r["machine"], machine
             raise ValueError(
-                f"{where} holds rows measured on a machine at {theirs:.0f} img/s on the "
-                f"reference (`python benchmark.py model`); this one measures {ref:.0f} img/s. "
-                f"One table, one machine (accuracies at equal time, and speeds, would not "
+                f"{where} holds rows measured on {theirs.get('device', 'cpu')} with "
+                f"{theirs.get('threads', '?')} threads at {theirs['ref_img_s']:.0f} img/s on the "
+                f"reference (`python benchmark.py model`); this one is {ours.get('device', 'cpu')}"
+                f" with {ours.get('threads', '?')} threads, measuring {ours['ref_img_s']:.0f} "
+                f"img/s. One table, one machine (accuracies at equal time, and speeds, would not "
                 f"compare): use another --out folder")
 
 
@@ -445,7 +459,8 @@ def make_row(study: str, run: Run, cfg: TrainConfig, run_dir: Path, data: ImageD
     model, norm = model_from_checkpoint(best), input_normalization(best)
     test = tc.evaluate(model, data.test_x, data.test_y, *norm, cfg.eval_batch_size)["acc"]
     train_x, _, evals = split_data(data, cfg.val_split, cfg.train_fraction)
-    val = tc.evaluate(model, evals.x, evals.y, *norm, cfg.eval_batch_size)  # each image's answer
+    val = tc.evaluate(model, evals.x, evals.y, *norm, cfg.eval_batch_size,  # each image's answer
+                      tta_flip=cfg.tta_flip)
     correct = (val["pred"] == evals.y).numpy()
     params, mflops = model_cost(cfg, len(data.classes))
     spent = phases(hist)
@@ -464,15 +479,22 @@ def make_row(study: str, run: Run, cfg: TrainConfig, run_dir: Path, data: ImageD
     }
 
 
-def interleaved(todo: list[Any], is_baseline: Callable[[Any], bool]) -> list[Any]:
+def interleaved(todo: list[Any], is_baseline: Callable[[Any], bool],
+                key: Callable[[Any], Any] = lambda t: t) -> list[Any]:
     """The runs to do with the baseline's spread evenly among the others (the first at the
     start, the last at the end), so that a drift of the machine's speed during a study shows in
-    the baseline's seeds rather than only in the variants."""
-    base = [t for t in todo if is_baseline(t)]
-    out = [t for t in todo if not is_baseline(t)]
+    the baseline's seeds rather than only in the variants. A baseline run that several studies
+    share (the same key) is spread once; its copies follow it (they reuse it)."""
+    first: dict[Any, list[Any]] = {}
+    for t in todo:
+        if is_baseline(t):
+            first.setdefault(key(t), []).append(t)
+    base = list(first.values())
+    out: list[Any] = [t for t in todo if not is_baseline(t)]
     gaps = len(out)
     for k in range(len(base) - 1, -1, -1):  # from the end, so earlier places stay put
-        out.insert(round(k * gaps / max(len(base) - 1, 1)), base[k])
+        at = round(k * gaps / max(len(base) - 1, 1))
+        out[at:at] = base[k]
     return out
 
 
@@ -497,13 +519,18 @@ def run_studies(args: argparse.Namespace) -> None:
         read_rows(path)
     todo = interleaved([(s, res, i) for s, res in plans for i, _ in enumerate(s.runs)
                         if res.find(run_key(configs[s.name, i])) is None],
-                       lambda t: t[0].runs[t[2]].baseline)
+                       lambda t: t[0].runs[t[2]].baseline,
+                       lambda t: run_key(configs[t[0].name, t[2]]))
     ref = reference_speed()
-    machine = {"cpu": cpu_name(), "ref_img_s": round(ref, 1), "torch": torch.__version__}
+    device = base.get("device", "auto")
+    machine = {"cpu": cpu_name(), "ref_img_s": round(ref, 1), "torch": torch.__version__,
+               "device": "cuda" if device == "cuda" or (device == "auto"
+                                                        and torch.cuda.is_available()) else "cpu",
+               "threads": base.get("threads") or torch.get_num_threads()}
     print(f"machine: {machine['cpu']}, reference speed {ref:.0f} img/s "
           f"(vit_cifar_tiny forward + backward, `python benchmark.py model`)")
     for _, res in plans:
-        check_machine(res.rows, ref, str(res.path))
+        check_machine(res.rows, machine, str(res.path))
     if not todo:
         print("every run is already done")
     else:
@@ -516,9 +543,7 @@ def run_studies(args: argparse.Namespace) -> None:
                 key = run_key(cfg)
                 # read now: another process may have finished the run meanwhile
                 done = [r for p in sorted(out.glob("*.json")) for r in read_rows(p)
-                        if r["key"] == key
-                        and max(r["machine"]["ref_img_s"] / ref, ref / r["machine"]["ref_img_s"])
-                        <= SAME_MACHINE]
+                        if r["key"] == key and same_machine(r["machine"], machine)]
                 # the same run in another study (the baseline): reuse it under this study's label
                 if done:
                     tqdm.write(f"[{s.name}] {run.label}: same run as "
@@ -608,15 +633,17 @@ def table(study: Study, res: Results) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = r["val_acc"] - nz["mean"]
-        real = "基线" if r["baseline"] else ("是" if abs(delta) > 2 * nz["sigma"] else "否")
         pair = None if r["baseline"] else paired_baseline(r, rows)
+        real = "基线" if r["baseline"] else ("—" if pair is None else
+                                            "是" if abs(delta) > 2 * nz["sigma"] else "否")
+        diff = "—" if pair is None and not r["baseline"] else f"{delta:+.2f}"
         p = f"{mcnemar(r, pair):.2g}" if pair else "—"
         ph = r["phases"]
         speed = (f"{ph['drop_img_s']:.0f} / {ph['full_img_s']:.0f}" if ph["drop_img_s"]
                  else f"— / {ph['full_img_s']:.0f}")
         ref = r["machine"]["ref_img_s"]
         flag = " ⚠" if abs(ref / ref0 - 1) > DRIFT else ""
-        lines.append(f"| {r['label']} | {r['seed']} | {r['val_acc']:.2f}% | {delta:+.2f} | "
+        lines.append(f"| {r['label']} | {r['seed']} | {r['val_acc']:.2f}% | {diff} | "
                      f"{real} | {p} | {r['test_acc']:.2f}% | {r['images_seen'] / 1000:,.0f}k | "
                      f"{speed} | {r['params']:,} | {r['mflops']:.1f} | {ref:.0f}{flag} | "
                      f"{r['started'][5:16].replace('T', ' ')} |")

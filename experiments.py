@@ -75,8 +75,9 @@ def cpu_name() -> str:
 # The experiments log
 # --------------------------------------------------------------------------------------------
 
+# clock_min: the minutes --time-budget counts (training only with --clock train, else wall time)
 COLUMNS = ("started", "finished", "status", "run", "command", "preset", "changes", "model",
-           "seed", "eval_set", "best_acc", "epochs", "train_min", "wall_min", "images_per_sec",
+           "seed", "eval_set", "best_acc", "epochs", "clock_min", "wall_min", "images_per_sec",
            "device", "cpu", "ref_img_s", "torch")
 HEADER = ",".join(COLUMNS) + "\r\n"  # csv.writer's line ending
 
@@ -104,7 +105,9 @@ def check_log(path: Path) -> None:
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
     """Add one row (the COLUMNS; missing ones empty) to the log: under a lock, the old content
-    and the new row go to a temporary file that then replaces the log whole."""
+    and the new row go to a temporary file that then replaces the log whole (the file a
+    symbolic link points to, not the link)."""
+    path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     line = io.StringIO()
     csv.writer(line).writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])

@@ -297,6 +297,10 @@ def test_the_baseline_seeds_are_interleaved_with_the_variants():
     assert cc.interleaved(["b0", "b1", "b2", "v1"], lambda t: t[0] == "b") == [
         "b0", "b1", "v1", "b2"]
     assert cc.interleaved(["v1"], lambda t: t[0] == "b") == ["v1"]
+    # two studies sharing the baseline: its seeds spread once, each copy right after its run
+    two = ["p:b0", "p:b1", "p:b2", "p:v1", "p:v2", "q:b0", "q:b1", "q:b2", "q:v1", "q:v2"]
+    assert cc.interleaved(two, lambda t: ":b" in t, lambda t: t[2:]) == [
+        "p:b0", "q:b0", "p:v1", "p:v2", "p:b1", "q:b1", "q:v1", "q:v2", "p:b2", "q:b2"]
 
 
 def test_runs_of_another_budget_are_refused_in_one_table(tmp_path):
@@ -306,6 +310,20 @@ def test_runs_of_another_budget_are_refused_in_one_table(tmp_path):
         cc.check_budget(res.rows, {"time_budget": 6.0, "epochs": 1000}, "s.json")
     cc.check_budget(res.rows, BUDGET, "s.json")
     assert cc.results_name("patch", {"time_budget": 0.0, "epochs": 3}) == "patch_epochs"
+    # a second process that checked before the first row existed is refused when it adds
+    other = {**a_row("b", 2e-3), "config": {**a_row("b", 2e-3)["config"], "time_budget": 6.0}}
+    with pytest.raises(ValueError, match="holds runs of 4 min each"):
+        cc.Results(tmp_path, "s").add(other)
+    slower = {**a_row("c", 3e-3), "machine": {"cpu": "test CPU", "ref_img_s": 300.0}}
+    with pytest.raises(ValueError, match="this one is cpu with \\? threads, measuring 300"):
+        cc.Results(tmp_path, "s").add(slower)
+    threads = {**a_row("d", 4e-3), "machine": {"cpu": "test CPU", "ref_img_s": 400.0,
+                                              "threads": 1}}
+    cc.Results(tmp_path, "s").add(threads)  # rows without a thread count: not told apart
+    with pytest.raises(ValueError, match="with 1 threads"):
+        cc.Results(tmp_path, "s").add({**threads, "label": "e", "machine": {
+            **threads["machine"], "threads": 2}})
+    assert [r["label"] for r in cc.Results(tmp_path, "s").rows] == ["a", "d"]
 
 
 @slow
@@ -390,7 +408,7 @@ def test_rows_from_a_machine_of_another_speed_are_refused(data_dir, tmp_path, mo
     with pytest.raises(SystemExit):
         compare(tmp_path, data_dir, "--study", "timed", "--budget-min", "0.02")
     err = capsys.readouterr().err
-    assert "at 400 img/s" in err and "measures 150 img/s" in err
+    assert "at 400 img/s" in err and "measuring 150 img/s" in err
 
 
 @pytest.mark.parametrize("args, message", [

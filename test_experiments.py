@@ -29,7 +29,7 @@ def test_every_run_appends_one_row_and_keeps_the_earlier_ones(tiny, tmp_path):
     assert a["ref_img_s"] == "" and b["ref_img_s"] == "123.4"  # not measured: --no-measure-speed
     assert "--lr 0.0003" in b["changes"] and "--seed 4" in b["changes"]
     assert b["command"].startswith("python train_cifar10.py") and b["preset"] == ""
-    assert float(b["train_min"]) <= float(b["wall_min"]) and float(b["images_per_sec"]) > 0
+    assert float(b["clock_min"]) <= float(b["wall_min"]) and float(b["images_per_sec"]) > 0
     assert a["started"] <= a["finished"] <= b["started"]
 
 
@@ -40,6 +40,21 @@ def test_a_log_of_other_columns_is_refused_before_training_and_left_as_it_is(tin
         tc.train(tiny(run_name="a", log_csv=str(log)))
     assert log.read_text() == "name,score\nexp1,93.1\n"
     assert not (tmp_path / "a").exists()  # nothing trained or saved
+
+
+def test_a_failed_run_gets_a_row_and_keeps_its_error(tiny, tmp_path):
+    with pytest.raises(FloatingPointError):
+        tc.train(tiny(run_name="nan", lr=1e6, clip_grad=0.0, label_smoothing=0.0))
+    (row,) = experiments.read_log(tmp_path / "experiments.csv")
+    assert (row["status"], row["epochs"], row["best_acc"]) == ("failed", "0", "0.0")
+
+
+def test_a_symbolic_link_to_a_log_is_followed(tiny, tmp_path):
+    (tmp_path / "real.csv").write_text(experiments.HEADER)
+    (tmp_path / "link.csv").symlink_to(tmp_path / "real.csv")
+    tc.train(tiny(run_name="a", log_csv=str(tmp_path / "link.csv")))
+    assert (tmp_path / "link.csv").is_symlink()
+    assert len(experiments.read_log(tmp_path / "real.csv")) == 1
 
 
 def test_no_log_with_off(tiny, tmp_path):

@@ -158,6 +158,21 @@ def test_warmup_and_full_token_phase_are_the_same_share_of_every_run(clock):
     assert [s.full_tokens_at(st) for st in (399, 400)] == [False, True]  # 80% of 500 steps
 
 
+def test_a_re_planned_resume_keeps_the_warmup_it_has_done():
+    """Resuming with a longer plan (--epochs 10 -> 30, --time-budget 10 -> 30) does not move a
+    run that has finished its warmup (a share of the old plan) back into a longer one."""
+    by_steps = budget_config(epochs=30, warmup_frac=0.1)
+    fresh = tc.Schedule(budget_config(epochs=10, warmup_frac=0.1), 50)
+    resumed = tc.Schedule(by_steps, 50, warmup_steps=fresh.state_dict()["warmup_steps"])
+    assert (fresh.warmup_steps, resumed.warmup_steps) == (50, 50)
+    assert resumed.lr(200) == pytest.approx(tc.lr_at(200, 150 / 1450, 50, 1e-3, 1e-5))
+    clock = FakeClock()
+    by_time = budget_config(time_budget=30.0, warmup_frac=0.1)
+    s = tc.Schedule(by_time, 50, elapsed_s=120.0, warmup_end_s=60.0, clock=clock)
+    s.read(400)
+    assert s.lr(400) == pytest.approx(tc.lr_at(400, 60 / 1740, 0, 1e-3, 1e-5))  # decaying
+
+
 def test_the_training_clock_leaves_out_evaluation():
     """--clock train: a 5-minute budget is 5 minutes of training whatever the evaluations cost
     (here 30 s after each epoch); --clock wall counts them too."""

@@ -113,15 +113,17 @@ class Schedule:
     left is about `full_token_epochs` epochs at the full-token cost (mean epoch time with dropout
     / (1 - patch_drop), the cost being linear in the tokens kept).
     Fractions of the run (--warmup-frac, --full-token-frac) replace the epoch counts: the same
-    share of every run's steps, or of its time (the clock then read every step of the warmup),
-    whatever a step costs. With --clock train, evaluation and saving (`paused`) do not count.
+    share of every run's steps, or of its time (the clock then read before every step, so that
+    a slow step cannot overshoot a share or the budget by a log interval), whatever a step
+    costs. With --clock train, evaluation and saving (`paused`) do not count. A resumed run keeps
+    the warmup it has done, even when a new --epochs or --time-budget re-plans the rest.
     Elapsed time carries over a resume, and every DDP process uses rank 0's clock, so all of them
     take the same decisions. `clock` is injectable for tests.
     """
 
     def __init__(self, cfg: TrainConfig, steps_per_epoch: int, elapsed_s: float = 0.0,
                  warmup_end_s: float | None = None, clock: Callable[[], float] = time.time,
-                 wall_s: float | None = None) -> None:
+                 wall_s: float | None = None, warmup_steps: int | None = None) -> None:
         self.cfg = cfg
         self.budget_s = cfg.time_budget * 60
         self.total_steps = cfg.epochs * steps_per_epoch
@@ -129,6 +131,8 @@ class Schedule:
                              else round(cfg.warmup_epochs * steps_per_epoch))
         if self.budget_s and cfg.warmup_frac:
             self.warmup_steps = 0  # by time: see lr()
+        elif cfg.warmup_frac and warmup_steps is not None:
+            self.warmup_steps = warmup_steps  # resumed: the warmup as planned at the start
         self.clock = clock
         self.start = clock() - elapsed_s
         self.wall_start = clock() - (elapsed_s if wall_s is None else wall_s)
@@ -142,7 +146,8 @@ class Schedule:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(value, src=0)
         self.elapsed_s = value[0]
-        if self.budget_s and self.warmup_end_s is None and step >= self.warmup_steps:
+        if self.budget_s and self.warmup_end_s is None and step >= self.warmup_steps and (
+                not self.cfg.warmup_frac or self.elapsed_s >= self.cfg.warmup_frac * self.budget_s):
             self.warmup_end_s = self.elapsed_s
         return self.elapsed_s
 
@@ -177,15 +182,13 @@ class Schedule:
 
     @property
     def reads_every_step(self) -> bool:
-        """A warmup by time reads the clock before every step."""
-        return bool(self.budget_s and self.cfg.warmup_frac
-                    and self.elapsed_s < self.cfg.warmup_frac * self.budget_s)
+        """By time, shares of the run (or the training clock) read the clock before every step."""
+        cfg = self.cfg
+        return bool(self.budget_s and (cfg.warmup_frac or cfg.full_token_frac
+                                       or cfg.clock == "train"))
 
     def progress(self, step: int) -> float:
         """Fraction of the decay done at this step (0 during the warmup)."""
-        if self.budget_s and self.cfg.warmup_frac:
-            w = self.cfg.warmup_frac
-            return max(self.fraction(step) - w, 0.0) / (1 - w)
         if step < self.warmup_steps:
             return 0.0
         if not self.budget_s:
@@ -196,7 +199,7 @@ class Schedule:
 
     def lr(self, step: int) -> float:
         cfg = self.cfg
-        if self.budget_s and cfg.warmup_frac and self.fraction(step) < cfg.warmup_frac:
+        if self.budget_s and cfg.warmup_frac and self.warmup_end_s is None:
             return cfg.lr * self.fraction(step) / cfg.warmup_frac  # linear warmup by time
         return lr_at(step, self.progress(step), self.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay)
 
@@ -237,7 +240,7 @@ class Schedule:
         return epoch + 1 == self.cfg.epochs or self.spent
 
     def state_dict(self) -> dict[str, Any]:
-        return {"warmup_end_s": self.warmup_end_s}
+        return {"warmup_end_s": self.warmup_end_s, "warmup_steps": self.warmup_steps}
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,7 +506,7 @@ def log_epoch(rec: dict[str, Any], evals: EvalSet, schedule: Schedule, wb: SafeW
 def log_run(path: Path, cfg: TrainConfig, run_dir: Path, run: RunState, evals: EvalSet,
             started: str, status: str, device: torch.device, ref_img_s: float | None) -> None:
     """The run's row in the experiments log (experiments.py)."""
-    hist = run.history
+    hist = run.history  # (empty for a run stopped or failed in its first epoch)
     train_s = sum(h["epoch_time"] for h in hist)
     images = sum(h["images_per_sec"] * h["epoch_time"] for h in hist)
     command = config_command(cfg)
@@ -514,8 +517,8 @@ def log_run(path: Path, cfg: TrainConfig, run_dir: Path, run: RunState, evals: E
         "run": str(run_dir), "command": command, "preset": preset,
         "changes": " ".join(words[2:] if preset else words), "model": cfg.model, "seed": cfg.seed,
         "eval_set": evals.name, "best_acc": round(100 * run.best_acc, 2), "epochs": run.epoch,
-        "train_min": round(hist[-1]["elapsed_min"], 2),
-        "wall_min": round(hist[-1].get("wall_min", hist[-1]["elapsed_min"]), 2),
+        "clock_min": round(hist[-1]["elapsed_min"], 2) if hist else None,
+        "wall_min": round(hist[-1].get("wall_min", hist[-1]["elapsed_min"]), 2) if hist else None,
         "images_per_sec": round(images / max(train_s, 1e-9), 1),
         "device": str(device), "cpu": experiments.cpu_name(),
         "ref_img_s": None if ref_img_s is None else round(ref_img_s, 1),
@@ -600,6 +603,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, 
     last_rec = run.history[-1] if run.history else {}
     schedule = Schedule(cfg, len(batches), elapsed_s=last_rec.get("elapsed_min", 0.0) * 60,
                         warmup_end_s=(ckpt or {}).get("time_budget", {}).get("warmup_end_s"),
+                        warmup_steps=(ckpt or {}).get("time_budget", {}).get("warmup_steps"),
                         wall_s=last_rec.get("wall_min", last_rec.get("elapsed_min", 0.0)) * 60)
     wb = SafeWandb(cfg.wandb if is_main else "off", cfg.wandb_project, run_dir.name, str(run_dir),
                    run.wandb_run_id, dataclasses.asdict(cfg))
@@ -649,9 +653,15 @@ def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, 
                 save_s += took["seconds"]
             if final:  # (a budget spent during this epoch's evaluation: the next epoch stops
                 break  # at its first clock reading and ends the run with a full evaluation)
-    except KeyboardInterrupt:
-        if log_csv and run.history:
-            log_run(log_csv, cfg, run_dir, run, evals, started, "interrupted", device, ref_img_s)
+    except BaseException as e:  # a row for a run that did not finish too, then the usual exit
+        if log_csv:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            try:
+                log_run(log_csv, cfg, run_dir, run, evals, started, status, device, ref_img_s)
+            except Exception as not_logged:  # the run's own error is the one to report
+                print(f"warning: no row in {log_csv}: {not_logged}", file=sys.stderr)
+        if not isinstance(e, KeyboardInterrupt):
+            raise
         if is_main:
             last = run_dir / "last.pt"
             print(f"interrupted; {last} holds the {run.epoch} finished epochs, continue with: "
