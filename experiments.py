@@ -15,7 +15,6 @@ import fcntl
 import io
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,14 +49,16 @@ def train_step_timer(model: torch.nn.Module, x: torch.Tensor,
     return step
 
 
-def reference_speed(rounds: int = 5, batch: int = 128) -> float:
+def reference_speed(rounds: int = 10, batch: int = 128) -> float:
     """The machine's speed on a fixed reference, in images/s: vit_cifar_tiny forward +
-    backward + AdamW step, fp32 on the CPU, batch 128, median of `rounds` steps (the "ours"
-    number of `python benchmark.py model` for the CIFAR preset). Wall-clock results are
-    reported next to it."""
+    backward + AdamW step, fp32 on the CPU, batch 128, the fastest of `rounds` steps (what
+    `python benchmark.py model` times for the CIFAR preset). The fastest step, not the median:
+    on a shared virtual machine the median of a few steps moved by a third within an hour
+    while training speed moved by 7%; the fastest is what the machine can do. Wall-clock
+    results are reported next to it."""
     step = train_step_timer(vit_cifar("vit_cifar_tiny").train(), torch.randn(batch, 3, 32, 32),
                             torch.randint(0, 10, (batch,)))
-    return batch / statistics.median(step() for _ in range(rounds))
+    return batch / min(step() for _ in range(rounds))
 
 
 def cpu_name() -> str:
