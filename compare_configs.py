@@ -632,9 +632,9 @@ def table(study: Study, res: Results) -> str:
     ref0 = first["machine"]["ref_img_s"]
     lines = [f"### {res.name}: {study.question}", "",
              "| 运行 | 种子 | 验证准确率 | 与基线均值之差 | 超出 2σ？ | 配对检验 p | "
-             "测试准确率 | 看过的图像 | 训练 img/s（dropout / 全部 token） | 参数量 | "
-             "MFLOPs/图 | 参考速度 img/s | 开始 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "测试准确率 | 看过的图像 | 训练 img/s（dropout / 全部 token） | 训练 / 评估 秒 | "
+             "参数量 | MFLOPs/图 | 参照速度 img/s | 开始 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = r["val_acc"] - nz["mean"]
         pair = None if r["baseline"] else paired_baseline(r, rows)
@@ -649,7 +649,8 @@ def table(study: Study, res: Results) -> str:
         flag = " ⚠" if abs(ref / ref0 - 1) > DRIFT else ""
         lines.append(f"| {r['label']} | {r['seed']} | {r['val_acc']:.2f}% | {diff} | "
                      f"{real} | {p} | {r['test_acc']:.2f}% | {r['images_seen'] / 1000:,.0f}k | "
-                     f"{speed} | {r['params']:,} | {r['mflops']:.1f} | {ref:.0f}{flag} | "
+                     f"{speed} | {ph['train_s']:.0f} / {ph['eval_s']:.0f} | {r['params']:,} | "
+                     f"{r['mflops']:.1f} | {ref:.0f}{flag} | "
                      f"{r['started'][5:16].replace('T', ' ')} |")
     cfg = first["config"]
     refs = [r["machine"]["ref_img_s"] for r in rows]
@@ -665,10 +666,10 @@ def table(study: Study, res: Results) -> str:
     span = f"{min(refs):.0f}" + (f"-{max(refs):.0f}" if max(refs) > min(refs) else "")
     budget_line = (
         f"预算：每次运行 {budget_text(cfg)}"
-        + ("的训练时间（评估和保存不计时）" if cfg["time_budget"] else "")
+        + (" 的训练时间（评估和保存不计时）" if cfg["time_budget"] else "")
         + f"；warmup 占 {cfg['warmup_frac']:.0%}，"
         f"最后 {vit['full_token_frac']:.0%} 不用 patch dropout（ViT）。"
-        f"机器：{first['machine']['cpu']}，参考速度 {span} img/s"
+        f"机器：{first['machine']['cpu']}，参照速度 {span} img/s"
         "（`python benchmark.py model`）；"
         f"⚠：与本研究第一次运行（{ref0:.0f}）相差超过 {DRIFT:.0%}。"
         f"运行于 {min(r['started'] for r in rows)[:10]} 至 "

@@ -178,19 +178,31 @@ def test_the_307m_paragraph_counts():
             assert sum(p.numel() for p in model.parameters()) == count
 
 
-def test_study_tables_in_the_readme_are_the_measured_ones():
-    """Each study table in README.md (after `<!-- check:study-NAME -->`) is the one
-    compare_configs.py wrote from results/NAME.json, row for row, so the README cannot show
+def test_study_tables_in_the_docs_are_the_measured_ones():
+    """Each study table in README.md and docs/*.md (after `<!-- check:study-NAME -->`) is the
+    one compare_configs.py writes from results/NAME.json, row for row, so the guide cannot show
     numbers no run produced."""
     import compare_configs as cc
-    readme = (HERE / "README.md").read_text(encoding="utf-8")
-    found = re.findall(r"<!-- check:study-(\w+) -->", readme)
-    assert found, "the README shows no study table"
-    for name in found:
+    pages = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+    found = [(page, name) for page in pages for name in
+             re.findall(r"<!-- check:study-(\w+) -->", page.read_text(encoding="utf-8"))]
+    assert found, "the guide shows no study table"
+    for page, name in found:
         res = cc.Results(HERE / "results", name)
-        assert res.rows, f"README shows study {name!r} but results/{name}.json has no rows"
-        expected = [line for line in cc.table(cc.STUDIES[name], res).splitlines()
-                    if line.startswith("|")]
-        after = readme.split(f"<!-- check:study-{name} -->", 1)[1]
+        assert res.rows, f"{page.name} shows study {name!r} but results/{name}.json has no rows"
+        study = cc.STUDIES[name.removesuffix("_epochs")]
+        expected = [line for line in cc.table(study, res).splitlines() if line.startswith("|")]
+        after = page.read_text(encoding="utf-8").split(f"<!-- check:study-{name} -->", 1)[1]
         shown = after.lstrip("\n").splitlines()[:len(expected)]
-        assert shown == expected, name
+        assert shown == expected, (page.name, name)
+
+
+def test_relative_links_in_the_docs_point_at_files_that_exist():
+    for page in [HERE / "README.md", HERE / "vit_architecture.md",
+                 *sorted((HERE / "docs").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://", "#")):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.exists(), f"{page.name} links to {target}, which does not exist"
