@@ -751,6 +751,10 @@ def plot_views(study: Study, timed: Results, epochs: Results, path: Path) -> Non
                         statistics.mean(accs)), textcoords="offset points", xytext=(6, -12),
                         fontsize=8)
         ax.set_xscale("log")
+        ax.minorticks_off()
+        flops = sorted({r["mflops"] for r in rows})
+        ax.set_xticks(flops, [f"{f:g}" for f in flops])
+        ax.set_xlim(flops[0] / 1.6, flops[-1] * 3.5)  # room for the labels on the right
         ax.set_xlabel("forward MFLOPs per image (log scale)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
