@@ -327,15 +327,18 @@ class Results:
     def find(self, key: str) -> dict[str, Any] | None:
         return next((r for r in self.rows if r["key"] == key), None)
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any], reused: bool = False) -> None:
         """Add a row under the lock, refusing one of another budget or machine than the rows
-        already there (another process may have written them since this one started)."""
+        already there (another process may have written them since this one started); a row
+        `reused` from another study's file was checked against this machine when it was
+        chosen."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the others; closing the file releases it
             self.rows = read_rows(self.path)  # with the rows other processes added meanwhile
             check_budget(self.rows, row["config"], str(self.path))
-            check_machine(self.rows, row["machine"], str(self.path))
+            if not reused:
+                check_machine(self.rows, row["machine"], str(self.path))
             if not any(r["key"] == row["key"] and r["label"] == row["label"] for r in self.rows):
                 self.rows.append(row)  # (unless another process just added the same run)
             self.tmp_path.write_text(
@@ -553,7 +556,7 @@ def run_studies(args: argparse.Namespace) -> None:
                     tqdm.write(f"[{s.name}] {run.label}: same run as "
                                f"{done[0]['study']}/{done[0]['label']!r}, reused")
                     res.add({**done[0], "study": s.name, "label": run.label, "line": run.line,
-                             "x": run.x, "baseline": run.baseline})
+                             "x": run.x, "baseline": run.baseline}, reused=True)
                 else:
                     command = config_command(cfg)
                     tqdm.write(f"[{s.name}] {run.label} (seed {run.seed}): {command}")
