@@ -58,7 +58,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +86,7 @@ from config import (  # noqa: E402
     validate,
 )
 from data import ImageData, load_dataset, split_data  # noqa: E402
-from experiments import cpu_name, reference_speed  # noqa: E402
+from experiments import cpu_name, now, reference_speed  # noqa: E402
 from runtime import run_cli  # noqa: E402
 from vit_model import ViTConfig, estimate_flops  # noqa: E402
 
@@ -435,10 +434,6 @@ def train_run(study: str, run: Run, cfg: TrainConfig, args: argparse.Namespace,
         placed = placed.replace(init=str(Path(source["run_dir"]) / "best.pt"))
     tc.train(placed, resume=last if last.is_file() else None, data=data, ref_img_s=ref)
     return run_dir
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def phases(hist: list[dict[str, Any]]) -> dict[str, float]:

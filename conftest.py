@@ -127,6 +127,19 @@ def tiny(batches_dir: Path, tmp_path: Path) -> Callable[..., TrainConfig]:
     return make
 
 
+def run_at_once(target: Callable[..., None], args: list[tuple]) -> None:
+    """Run target(*a) for each a in its own forked process, all at the same time; each must exit
+    cleanly within a minute (concurrent writers of one file)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=target, args=a) for a in args]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+
+
 @pytest.fixture(scope="session")
 def trained_run(batches_dir: Path, tmp_path_factory) -> Path:
     """One finished tiny run (last.pt and best.pt of 1 epoch); copy it before changing it."""

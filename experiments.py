@@ -83,6 +83,11 @@ COLUMNS = ("started", "finished", "status", "run", "command", "preset", "changes
 HEADER = ",".join(COLUMNS) + "\r\n"  # csv.writer's line ending
 
 
+def now() -> str:
+    """The local time as the log and the results files write it (ISO 8601, with the offset)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def log_path(log_csv: str, out_dir: str) -> Path | None:
     """Where a run's row goes: --log-csv, OUT_DIR/experiments.csv by default, none for 'off'."""
     if log_csv == "off":

@@ -19,6 +19,7 @@ import train_cifar10 as tc
 from checkpoint import load_checkpoint, model_from_checkpoint
 from cnn_model import ResNetCIFAR, ResNetConfig, resnet_param_count
 from config import TrainConfig
+from conftest import run_at_once
 from data import load_dataset, split_data
 from vit_model import estimate_flops
 
@@ -504,14 +505,7 @@ def _add_rows(folder: str, who: str, n: int) -> None:
 def test_two_processes_adding_rows_at_once_lose_none(tmp_path):
     """Before: no s.json. Two processes add 40 rows each to it at the same time. After: s.json
     holds all 80 rows, each once."""
-    import multiprocessing
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_add_rows, args=(str(tmp_path), who, 40)) for who in "ab"]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    run_at_once(_add_rows, [(str(tmp_path), who, 40) for who in "ab"])
     labels = [r["label"] for r in json.loads((tmp_path / "s.json").read_text())["rows"]]
     assert sorted(labels) == sorted(f"{who}{i}" for who in "ab" for i in range(40))
 

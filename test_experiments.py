@@ -3,13 +3,13 @@ machine's description."""
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 
 import pytest
 
 import experiments
 import train_cifar10 as tc
+from conftest import run_at_once
 
 slow = pytest.mark.slow
 
@@ -79,13 +79,7 @@ def _append(path: str, who: str, n: int) -> None:
 @slow
 def test_two_processes_appending_at_once_lose_no_row(tmp_path):
     log = tmp_path / "log.csv"
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_append, args=(str(log), who, 30)) for who in "ab"]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    run_at_once(_append, [(str(log), who, 30) for who in "ab"])
     rows = experiments.read_log(log)
     assert sorted(r["run"] for r in rows) == sorted(f"{w}{i}" for w in "ab" for i in range(30))
     assert {r["command"] for r in rows} == {'a, "quoted" cmd'}

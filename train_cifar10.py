@@ -513,7 +513,7 @@ def log_run(path: Path, cfg: TrainConfig, run_dir: Path, run: RunState, evals: E
     words = command.split()[2:]  # after "python train_cifar10.py"
     preset = words[1] if words[:1] == ["--preset"] else ""
     experiments.append_row(path, {
-        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": status,
+        "started": started, "finished": experiments.now(), "status": status,
         "run": str(run_dir), "command": command, "preset": preset,
         "changes": " ".join(words[2:] if preset else words), "model": cfg.model, "seed": cfg.seed,
         "eval_set": evals.name, "best_acc": round(100 * run.best_acc, 2), "epochs": run.epoch,
@@ -561,7 +561,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, 
            ) -> dict[str, Any]:
     """train() in its held run folder."""
     is_main = rank == 0
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    started = experiments.now()
     log_csv = experiments.log_path(cfg.log_csv, str(run_dir.parent)) if is_main else None
     if log_csv:
         experiments.check_log(log_csv)
