@@ -1,5 +1,6 @@
 """The documents cannot drift from the code: every table marked `<!-- check:NAME -->` in
-vit_architecture.md and README.md is recomputed from vit_model.py and compared cell by cell."""
+vit_architecture.md, README.md and docs/*.md is recomputed from the code and compared cell by
+cell."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from vit_model import Attention, estimate_flops, vit_base, vit_cifar, vit_huge, vit_large
 
 HERE = Path(__file__).resolve().parent
-DOCS = [HERE / "vit_architecture.md", HERE / "README.md"]
+DOCS = [HERE / "vit_architecture.md", HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
 
 
 def checked_tables(name: str) -> list[list[list[str]]]:
@@ -206,3 +207,112 @@ def test_relative_links_in_the_docs_point_at_files_that_exist():
                 continue
             path = (page.parent / target.split("#")[0]).resolve()
             assert path.exists(), f"{page.name} links to {target}, which does not exist"
+
+
+# --------------------------------------------------------------------------------------------
+# Every percentage and speed in the documents comes from a results file, the shipped model's
+# card, or one line of docs/measurements.csv with the command that measured it
+# --------------------------------------------------------------------------------------------
+
+PAGES = [HERE / "README.md", HERE / "vit_architecture.md", *sorted((HERE / "docs").glob("*.md"))]
+REGISTRY = HERE / "docs" / "measurements.csv"
+_NUM = r"[+\-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_UNIT = r"%|个百分点|张/秒|img/s"
+_SEP = r"\s*(?:-|–|、|/|到|至|或|和|与|,(?!\d)|，)\s*"  # not the comma of 81,501
+# A number with a unit, and the numbers listed before it that share the unit ("400、634、935
+# 张/秒", "81.40-82.05%", "82,579 / 81,501 张/秒").
+_STATED = re.compile(rf"((?:{_NUM}{_SEP})*)({_NUM})\s*({_UNIT})")
+
+
+def stated_numbers(text: str) -> list[tuple[str, str, int]]:
+    """(number as written, unit, line) of every percentage, percentage-point difference and
+    speed in a markdown text."""
+    found = []
+    for m in _STATED.finditer(text):
+        line = text.count("\n", 0, m.start()) + 1
+        for s in [*re.findall(_NUM, m.group(1)), m.group(2)]:
+            found.append((s, m.group(3), line))
+    return found
+
+
+def as_float(s: str) -> float:
+    return float(s.replace(",", "").replace("−", "-"))
+
+
+def decimals(s: str) -> int:
+    return len(s.split(".")[1]) if "." in s else 0
+
+
+def agrees(stated: str, values: set[float]) -> bool:
+    """The stated number is one of the values, rounded as written (signs aside: a difference
+    is stated as +x or -x)."""
+    x, d = abs(as_float(stated)), decimals(stated)
+    return any(abs(round(abs(v), d) - x) < 1e-9 for v in values)
+
+
+def registry_rows() -> list[dict[str, str]]:
+    import csv
+    with REGISTRY.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def measured_values() -> set[float]:
+    """Every number the results files and the card hold that a document may quote: accuracies,
+    speeds and shares of each study row, every number of each study's rendered table (its
+    differences and noise), and the shipped model's accuracies and predictions."""
+    import json
+
+    import compare_configs as cc
+    values: set[float] = set()
+    for path in sorted((HERE / "results").rglob("*.json")):
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+        for r in rows:
+            values.update(r[k] for k in ("val_acc", "test_acc", "images_per_sec") if k in r)
+            for k, v in r.get("phases", {}).items():
+                values.add(100 * v if k.endswith("share") else v)
+            ref = r.get("machine", {}).get("ref_img_s")
+            values.update([ref] if ref else [])
+        study = cc.STUDIES.get(path.stem.removesuffix("_epochs"))
+        if path.parent.name == "results" and study:
+            text = cc.table(study, cc.Results(path.parent, path.stem))
+            values.update(abs(as_float(s)) for s in re.findall(_NUM, text))
+    for card in (HERE / "checkpoints").glob("*.json"):
+        data = json.loads(card.read_text(encoding="utf-8"))
+        values.update(data["test_accuracy"].values())
+        values.update(100 * p for s in data["samples"] for _, p in s["top3"])
+    return values
+
+
+def registered_values() -> set[float]:
+    return {as_float(v) for row in registry_rows() for v in row["values"].split()}
+
+
+def test_every_percentage_and_speed_in_the_docs_has_a_source():
+    sources = measured_values() | registered_values()
+    loose = [f"{page.name}:{line}: {s}{unit}" for page in PAGES
+             for s, unit, line in stated_numbers(page.read_text(encoding="utf-8"))
+             if not agrees(s, sources)]
+    assert not loose, ("numbers with no results file, card or docs/measurements.csv line "
+                       "behind them:\n" + "\n".join(loose))
+
+
+def test_the_number_check_catches_an_unlisted_number():
+    text = "在 2 核 CPU 上 1,234.5 张/秒，准确率 12.34%，高 0.77 个百分点；400、634、935 张/秒"
+    stated = stated_numbers(text)
+    assert [s for s, _, _ in stated] == ["1,234.5", "12.34", "0.77", "400", "634", "935"]
+    assert not agrees("12.34", {12.3, 12.35, 1.234})
+    assert agrees("12.3", {12.34}) and agrees("-0.77", {0.77}) and agrees("1,234.5", {1234.5})
+
+
+def test_each_registry_line_has_a_source_and_is_quoted():
+    """docs/measurements.csv: every line says what was measured and how (the command; or the
+    place in the paper, the setting, or the formula it comes from), and every number on it
+    appears in a document."""
+    quoted = {as_float(s) for page in PAGES
+              for s, _, _ in stated_numbers(page.read_text(encoding="utf-8"))}
+    quoted |= {abs(v) for v in quoted}
+    for row in registry_rows():
+        assert row["what"].strip() and row["source"].strip(), row
+        assert row["source"].startswith(("python ", "论文", "设置", "计算")), row
+        unused = [v for v in row["values"].split() if abs(as_float(v)) not in quoted]
+        assert not unused, f"docs/measurements.csv lists {unused} ({row['what']}), no document quotes them"

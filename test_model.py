@@ -518,3 +518,21 @@ if __name__ == "__main__":
     for name, c, n in parameter_table():
         print(f"{name:<16s}{c.img_size:>6d}{c.patch_size:>6d}{c.depth:>7d}{c.embed_dim:>6d}"
               f"{int(c.embed_dim * c.mlp_ratio):>6d}{c.num_heads:>6d}{c.num_tokens:>7d}{n:>14,d}")
+
+
+def test_without_position_embedding_a_pooled_vit_sees_a_bag_of_patches():
+    """docs/studies.md: with no position embedding and global average pooling, shuffling the
+    patches of an image leaves the logits unchanged; with a learned embedding it does not."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    P, g = 4, 8
+    tiles = x.unfold(2, P, P).unfold(3, P, P).reshape(2, 3, g * g, P, P)  # (B, C, N, P, P)
+    perm = torch.randperm(g * g)
+    shuffled = (tiles[:, :, perm].reshape(2, 3, g, g, P, P).permute(0, 1, 2, 4, 3, 5)
+                .reshape(2, 3, 32, 32))
+    for pos_embed, same in (("none", True), ("learned", False)):
+        model = vit_cifar("vit_cifar_tiny", classifier="gap", pos_embed=pos_embed).eval()
+        torch.nn.init.normal_(model.head.weight)  # the head starts at zero: every logit would be 0
+        with torch.no_grad():
+            a, b = model(x), model(shuffled)
+        assert torch.allclose(a, b, atol=1e-5) is same, pos_embed

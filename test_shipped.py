@@ -112,9 +112,17 @@ def fresh_clone(dest: Path) -> Path:
     return dest
 
 
+def git(clone: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=clone,
+                          capture_output=True, text=True, check=True).stdout
+
+
 @pytest.mark.slow
-def test_fresh_clone_offline_draws_every_figure(tmp_path):
+def test_fresh_clone_offline_draws_every_figure(tmp_path, batches_dir, fast):
     clone = fresh_clone(tmp_path / "clone")
+    git(clone, "init", "-q")
+    git(clone, "add", "-A")
+    git(clone, "commit", "-qm", "clone")
     assert not (clone / "data").exists() and not list((clone / "checkpoints").glob("*/*.pt"))
     committed = {p.name: p.read_bytes() for p in (clone / "figures").glob("*.png")}
     env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
@@ -134,3 +142,14 @@ def test_fresh_clone_offline_draws_every_figure(tmp_path):
                            cwd=clone, env=env, capture_output=True, text=True, timeout=300)
     assert train.returncode == 2 and "no CIFAR-10 found" in train.stderr
     assert "visualize_attention.py` needs no data" in train.stderr
+    # the rest of the quick start (training on a small stand-in for CIFAR-10) leaves `git status`
+    # clean: every output goes to an ignored folder
+    for command in (["visualize_attention.py", "--images", "assets/samples/cat_chelsea.jpg"],
+                    ["check_exercise.py"], ["compare_configs.py", "--list"],
+                    ["make_figures.py"],
+                    ["train_cifar10.py", "--preset", "cpu", "--data-dir", str(batches_dir),
+                     *fast]):
+        subprocess.run([sys.executable, *command], cwd=clone, env=env, capture_output=True,
+                       timeout=300)
+    assert list((clone / "checkpoints").glob("*/last.pt")), "the training run did not run"
+    assert git(clone, "status", "--porcelain") == ""

@@ -167,3 +167,34 @@ def test_own_images_get_top3_and_a_rollout_at_their_own_resolution(tiny_checkpoi
         expected = ", ".join(f"{va.CIFAR10_CLASSES[int(i)]} {100 * v:.1f}%"
                              for v, i in zip(*top, strict=True))
         assert line.split(": ", 1)[1] == expected
+
+
+@pytest.mark.slow
+def test_make_figures_redraws_every_figure_the_guide_shows(batches_dir, trained_run, tmp_path,
+                                                           repo):
+    """One command regenerates every figures/*.png that README.md and docs/*.md show (the
+    accuracy curve from a run's checkpoint), from files in the repository and CIFAR-10."""
+    import re
+    import shutil
+
+    import make_figures
+
+    results = tmp_path / "results"
+    shutil.copytree(repo / "results", results, ignore=shutil.ignore_patterns("previous"))
+    shown = {name for page in [repo / "README.md", *(repo / "docs").glob("*.md")]
+             for name in re.findall(r"figures/([\w.-]+\.png)", page.read_text(encoding="utf-8"))}
+    assert len(shown) >= 8
+    out = tmp_path / "figures"
+    make_figures.main(["--data-dir", str(batches_dir), "--out-dir", str(out), "--results",
+                       str(results), "--run", str(trained_run / "last.pt")])
+    drawn = {p.name for p in out.glob("*.png")}
+    assert shown <= drawn, f"not regenerated: {sorted(shown - drawn)}"
+
+
+def test_make_figures_checks_its_inputs_before_writing(tmp_path):
+    import make_figures
+
+    out = tmp_path / "figures"
+    with pytest.raises(SystemExit) as e:
+        make_figures.main(["--data-dir", str(tmp_path / "nothing"), "--out-dir", str(out)])
+    assert e.value.code == 2 and not out.exists()

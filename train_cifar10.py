@@ -690,10 +690,10 @@ def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, 
 # Evaluating and exporting a checkpoint, and the command line
 # --------------------------------------------------------------------------------------------
 
-def evaluate_checkpoint(cfg: TrainConfig, path: str | Path, export_to: str | None = None
-                        ) -> dict[str, Any]:
-    """--eval-only: accuracy, per-class accuracy and a confusion-matrix PNG beside the file;
-    --export: also the half-precision weights file and its card."""
+def evaluate_checkpoint(cfg: TrainConfig, path: str | Path, export_to: str | None = None,
+                        png: Path | None = None) -> dict[str, Any]:
+    """--eval-only: accuracy, per-class accuracy and a confusion-matrix PNG (beside the file, or
+    at `png`); --export: also the half-precision weights file and its card."""
     ckpt = load_checkpoint(path)
     if export_to:
         checkpoint.check_export_path(Path(export_to), cfg.overwrite)  # before any work
@@ -708,7 +708,7 @@ def evaluate_checkpoint(cfg: TrainConfig, path: str | Path, export_to: str | Non
     print(f"test accuracy {100 * res['acc']:.2f}%  loss {res['loss']:.4f}  ({cm.sum()} images)")
     for i, name in enumerate(data.classes):
         print(f"  {name:>12s}: {100 * cm[i, i] / max(cm[i].sum(), 1):.1f}%")
-    png = resolve_checkpoint_path(path).with_name("confusion_matrix.png")
+    png = png or resolve_checkpoint_path(path).with_name("confusion_matrix.png")
     check_writable(png.parent)
     save_confusion_png(cm, data.classes, png, f"test set, accuracy {100 * res['acc']:.2f}%")
     print(f"confusion matrix: {png}")

@@ -1,0 +1,87 @@
+"""Every figure of the guide, regenerated from files in the repository by one command:
+
+    python make_figures.py --data-dir data                   # into outputs/figures (not tracked)
+    python make_figures.py --data-dir data --out-dir figures # replace the guide's own figures
+
+- the attention figures of docs/figures.md (the paper's Figure 7, Figure 6 and per-head maps):
+  visualize_attention.py on the shipped model and 128 CIFAR-10 test images;
+- the shipped model's confusion matrix on the 10,000 test images (train_cifar10.py --eval-only);
+- the study plots of docs/studies.md from results/*.json (compare_configs.py's own plotting: no
+  training);
+- with --run checkpoints/RUN/last.pt, the accuracy curve of that training run (the curve is the
+  run's history, which only its own checkpoint holds: the shipped model keeps the weights).
+
+CIFAR-10 must be under --data-dir (the guide's figures are made on its test images; --download
+fetches it). Nothing is written before the inputs are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import compare_configs as cc
+import visualize_attention
+from checkpoint import load_checkpoint
+from config import TrainConfig
+from data import load_dataset
+from inference import SHIPPED_MODEL
+from plots import save_curve_png
+from runtime import run_cli
+from train_cifar10 import evaluate_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="data",
+                   help="CIFAR-10, as in train_cifar10.py (default: data)")
+    p.add_argument("--download", action="store_true",
+                   help="download CIFAR-10 into --data-dir when it is not there")
+    p.add_argument("--out-dir", default="outputs/figures",
+                   help="where the PNG files go (default: outputs/figures; the guide's own "
+                        "figures: --out-dir figures, which replaces them)")
+    p.add_argument("--results", default="results",
+                   help="folder of the studies' results files STUDY.json (default: results)")
+    p.add_argument("--run", help="a training run's last.pt or best.pt: also draw its accuracy "
+                                 "curve (cpu_accuracy_curve.png)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error (or set VIT_DEBUG=1)")
+    return p.parse_args(argv)
+
+
+def make_all(args: argparse.Namespace) -> list[Path]:
+    out = Path(args.out_dir)
+    load_dataset(args.data_dir, download=args.download, with_train=False)  # fails before writing
+    history = load_checkpoint(args.run, required=("history",))["history"] if args.run else None
+    written = list(visualize_attention.main(
+        ["--checkpoint", str(SHIPPED_MODEL), "--data-dir", args.data_dir,
+         "--out-dir", str(out)]).values())
+
+    png = out / "cpu_confusion_matrix.png"
+    evaluate_checkpoint(TrainConfig(data_dir=args.data_dir, download=False, tta_flip=False),
+                        SHIPPED_MODEL, png=png)
+    written.append(png)
+
+    for name in sorted(p.stem for p in Path(args.results).glob("*.json")):
+        study = cc.STUDIES.get(name.removesuffix("_epochs"))
+        if study is None:
+            continue
+        cc.report(study, cc.Results(Path(args.results), name), out)
+        written.append(cc.plot_path(out, name))
+
+    if history is not None:
+        curve = out / "cpu_accuracy_curve.png"
+        best = max(h["eval_acc"] for h in history if h.get("eval_images"))
+        save_curve_png(history, curve, f"{Path(args.run).parent.name}: best {100 * best:.2f}%")
+        written.append(curve)
+    print(f"{len(written)} figures in {out}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    return run_cli(lambda a: make_all(parse_args(a)), argv)
+
+
+if __name__ == "__main__":
+    main()
