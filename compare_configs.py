@@ -388,9 +388,10 @@ def check_machine(rows: list[dict[str, Any]], machine: dict[str, Any], where: st
         if not same_machine(theirs, ours):
             raise ValueError(
                 f"{where} holds rows measured on {theirs.get('device', 'cpu')} with "
-                f"{theirs.get('threads', '?')} threads at a median {theirs['ref_img_s']:.0f} img/s on "
-                f"the reference (`python benchmark.py model`); this one is {ours.get('device', 'cpu')}"
-                f" with {ours.get('threads', '?')} threads, measuring {ours['ref_img_s']:.0f} "
+                f"{theirs.get('threads', '?')} threads at a median {theirs['ref_img_s']:.0f} img/s "
+                f"on the reference (`python benchmark.py model`); this one is "
+                f"{ours.get('device', 'cpu')} with {ours.get('threads', '?')} threads, measuring "
+                f"{ours['ref_img_s']:.0f} "
                 f"img/s. One table, one machine (accuracies at equal time, and speeds, would not "
                 f"compare): use another --out folder")
 

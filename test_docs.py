@@ -315,4 +315,5 @@ def test_each_registry_line_has_a_source_and_is_quoted():
         assert row["what"].strip() and row["source"].strip(), row
         assert row["source"].startswith(("python ", "论文", "设置", "计算")), row
         unused = [v for v in row["values"].split() if abs(as_float(v)) not in quoted]
-        assert not unused, f"docs/measurements.csv lists {unused} ({row['what']}), no document quotes them"
+        assert not unused, (f"docs/measurements.csv lists {unused} ({row['what']}), which no "
+                            "document quotes")
