@@ -1,8 +1,8 @@
 """Side-by-side speed checks, each against a reference on the same input in one run.
 
     python benchmark.py model                      # forward + backward: ours vs torchvision ViT
-    python benchmark.py data --data-dir /tmp/cifar10   # augmentation: ours vs DataLoader + PIL
-    python benchmark.py recipe --data-dir /tmp/cifar10 --minutes 15  # standard recipe, to compare
+    python benchmark.py data --data-dir data   # augmentation: ours vs DataLoader + PIL
+    python benchmark.py recipe --data-dir data --minutes 15  # standard recipe, to compare
 
 Timings alternate between the two contestants and report medians, so a busy machine slows both
 alike; the ratio is the number to read. `recipe` is the baseline for an equal-time comparison with

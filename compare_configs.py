@@ -25,8 +25,9 @@ only beyond 2 sigma. A paired test (McNemar's, exact) compares each run with the
 seed image by image on the same validation images.
 
 Budget: --budget-min M gives every run M minutes of training (the fair comparison on a CPU: the
-view of a CPU user, with a fixed time), --epochs E the same number of epochs (equal images seen:
-the paper's view); the two views go to separate files (STUDY.json and STUDY_epochs.json). Each
+view of a CPU user, with a fixed time), --epochs E the same number of epochs (equal images seen,
+as the paper's scaling plots train every model with one setup); the two views go to separate
+files (STUDY.json and STUDY_epochs.json). Each
 run records when it ran, the machine's reference speed just before it (`python benchmark.py
 model`), its images/s with and without patch dropout, and its evaluation and other time; rows
 more than 10% from the study's first reference speed are flagged in the table, and rows from
@@ -39,8 +40,8 @@ goes to OUT/NAME.md (and the terminal), the plot to FIG_DIR/study_NAME.png, run 
 CHECKPOINT_DIR/STUDY/, and every run's line to CHECKPOINT_DIR/STUDY/experiments.csv.
 
 Outputs: by default OUT is outputs/results and FIG_DIR outputs/figures (not tracked by git), and
-the checkpoints go to checkpoints/compare. The tables and plots of the guide (README.md, section
-10), committed in results/ and figures/, are regenerated with `--out results --fig-dir figures`.
+the checkpoints go to checkpoints/compare. The tables and plots of the guide (docs/studies.md),
+committed in results/ and figures/, are regenerated with `--out results --fig-dir figures`.
 --set changes any other setting of the baseline: the seeds, the budget and where files go are
 set by the study and by the flags below, and a setting the chosen studies vary (the patch size of
 `patch`, ...) stays theirs.
@@ -328,17 +329,21 @@ class Results:
         return next((r for r in self.rows if r["key"] == key), None)
 
     def add(self, row: dict[str, Any], reused: bool = False) -> None:
-        """Add a row under the lock, refusing one of another budget or machine than the rows
-        already there (another process may have written them since this one started); a row
-        `reused` from another study's file was checked against this machine when it was
-        chosen."""
+        """Add a row under the lock, refusing one of another budget, baseline or machine than
+        the rows already there (another process may have written them since this one
+        started)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the others; closing the file releases it
             self.rows = read_rows(self.path)  # with the rows other processes added meanwhile
             check_budget(self.rows, row["config"], str(self.path))
-            if not reused:
-                check_machine(self.rows, row["machine"], str(self.path))
+            study = STUDIES.get(self.name.removesuffix("_epochs"))
+            if study is not None:
+                check_base(self.rows, row["config"], study, str(self.path))
+            # a reused row's speed was compared with this machine's when it was chosen; its CPU,
+            # device and threads must still be those of the rows here
+            check_machine(self.rows, {**row["machine"], "ref_img_s": median_ref(self.rows)}
+                          if reused and self.rows else row["machine"], str(self.path))
             if not any(r["key"] == row["key"] and r["label"] == row["label"] for r in self.rows):
                 self.rows.append(row)  # (unless another process just added the same run)
             self.tmp_path.write_text(
@@ -376,8 +381,28 @@ def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def median_ref(rows: list[dict[str, Any]]) -> float:
     """The median reference speed of a file's rows (one noisy reading must not lock the file)."""
-    refs = sorted(r["machine"]["ref_img_s"] for r in rows)
-    return refs[len(refs) // 2]
+    return statistics.median(r["machine"]["ref_img_s"] for r in rows)
+
+
+def base_settings(config: dict[str, Any], study: Study) -> dict[str, Any]:
+    """The settings a study's rows share: all but what its runs vary, the seed, the budget and
+    where files go."""
+    varied = {k for run in study.runs for k in run.changes} | {"seed", "epochs", "time_budget"}
+    return {k: v for k, v in config.items() if k not in varied and k not in PLACE}
+
+
+def check_base(rows: list[dict[str, Any]], config: dict[str, Any], study: Study,
+               where: str) -> None:
+    """One table, one baseline: refuse a run whose shared settings (a --set) differ from the
+    rows' already there (settings a row does not record, from older code, are not compared)."""
+    for r in rows:
+        theirs, ours = base_settings(r["config"], study), base_settings(config, study)
+        diff = sorted(k for k in theirs.keys() & ours.keys() if theirs[k] != ours[k])
+        if diff:
+            raise ValueError(
+                f"{where} holds runs whose baseline differs from this one's in "
+                + ", ".join(f"{k} ({theirs[k]!r} there, {ours[k]!r} here)" for k in diff[:4])
+                + ": one table, one baseline: use another --out folder")
 
 
 def check_machine(rows: list[dict[str, Any]], machine: dict[str, Any], where: str) -> None:
@@ -671,17 +696,18 @@ def table(study: Study, res: Results) -> str:
         f"规则：差值超过 2σ = {2 * nz['sigma']:.2f} 才算真实的差别。"
         "配对检验：与同一种子的基线在同样的验证图像上逐张比较对错"
         "（McNemar 精确检验），只反映验证集的抽样，不含种子间的波动。")
+    days = [r["started"][:10] for r in rows]
     span = f"{min(refs):.0f}" + (f"-{max(refs):.0f}" if max(refs) > min(refs) else "")
     budget_line = (
-        f"预算：每次运行 {budget_text(cfg)}"
+        "预算：每次运行 " + (f"{cfg['time_budget']:g} 分钟" if cfg["time_budget"]
+                            else f"{cfg['epochs']} 个 epoch")
         + (" 的训练时间（评估和保存不计时）" if cfg["time_budget"] else "")
         + f"；warmup 占 {cfg['warmup_frac']:.0%}，"
         f"最后 {vit['full_token_frac']:.0%} 不用 patch dropout（ViT）。"
         f"机器：{first['machine']['cpu']}，参照速度 {span} img/s"
         "（`python benchmark.py model`）；"
         f"⚠：与本研究第一次运行（{ref0:.0f}）相差超过 {DRIFT:.0%}。"
-        f"运行于 {min(r['started'] for r in rows)[:10]} 至 "
-        f"{max(r['started'] for r in rows)[:10]}。")
+        f"运行于 {' 至 '.join(sorted({min(days), max(days)}))}。")
     lines += ["", noise_text, "", budget_line]
     return "\n".join(lines) + "\n"
 
@@ -742,25 +768,26 @@ def plot(study: Study, res: Results, path: Path) -> None:
 def plot_views(study: Study, timed: Results, epochs: Results, path: Path) -> None:
     """The two views of cost side by side, each run's accuracy against its compute per image:
     at equal training time (what a CPU user has) and at an equal number of epochs (equal images
-    seen, the paper's view)."""
+    seen)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, res in zip(axes, (timed, epochs), strict=True):
         rows = ordered_rows(study, res)
         nz = noise(rows)
-        seen: set[str] = set()
-        for r in rows:
-            if r["label"] in seen:
-                continue
-            seen.add(r["label"])
+        firsts = sorted({r["label"]: r for r in reversed(rows)}.values(),
+                        key=lambda r: r["mflops"])
+        crowded = False  # a point close to the one before it gets its label above, not below
+        for i, r in enumerate(firsts):
             accs = [q["val_acc"] for q in rows if q["label"] == r["label"]]
             ax.errorbar(r["mflops"], statistics.mean(accs), yerr=nz["run"], fmt="o", capsize=3,
                         color="0.4" if r["baseline"] else "tab:blue")
+            crowded = i > 0 and r["mflops"] < 1.3 * firsts[i - 1]["mflops"] and not crowded
             ax.annotate(f"{r['label']}\n{statistics.mean(accs):.1f}%", (r["mflops"],
-                        statistics.mean(accs)), textcoords="offset points", xytext=(6, -12),
-                        fontsize=8)
+                        statistics.mean(accs)), textcoords="offset points",
+                        xytext=(6, 10) if crowded else (6, -22), fontsize=8)
         ax.set_xscale("log")
         ax.minorticks_off()
-        flops = sorted({r["mflops"] for r in rows})
+        flops = [f for i, f in enumerate(sorted({r["mflops"] for r in rows}))
+                 if i == 0 or f >= 1.3 * sorted({r["mflops"] for r in rows})[i - 1]]
         ax.set_xticks(flops, [f"{f:g}" for f in flops])
         ax.set_xlim(flops[0] / 1.6, flops[-1] * 3.5)  # room for the labels on the right
         ax.set_xlabel("forward MFLOPs per image (log scale)")

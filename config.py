@@ -171,7 +171,7 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The best test accuracy on the 2-core CPU within an hour (README, "Results"): 57 minutes of
+    # The best test accuracy on the 2-core CPU within an hour (docs/results.md): 57 minutes of
     # training, whatever the machine's speed that day, plus start-up and the last evaluation.
     "cpu": dict(model="vit_cifar_tiny", classifier="gap", time_budget=57.0, epochs=100,
                 batch_size=128, optimizer="muon", lr=1e-3, muon_lr=4e-3, warmup_epochs=1.0,

@@ -7,12 +7,13 @@
   visualize_attention.py on the shipped model and 128 CIFAR-10 test images;
 - the shipped model's confusion matrix on the 10,000 test images (train_cifar10.py --eval-only);
 - the study plots of docs/studies.md from results/*.json (compare_configs.py's own plotting: no
-  training);
+  training; the tables in results/ are left as they are);
 - with --run checkpoints/RUN/last.pt, the accuracy curve of that training run (the curve is the
   run's history, which only its own checkpoint holds: the shipped model keeps the weights).
 
 CIFAR-10 must be under --data-dir (the guide's figures are made on its test images; --download
-fetches it). Nothing is written before the inputs are checked.
+fetches it). Every input is read and checked before the first file is written. The figures of
+older results (figures/previous/) are not redrawn.
 """
 
 from __future__ import annotations
@@ -52,29 +53,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_all(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out_dir)
-    load_dataset(args.data_dir, download=args.download, with_train=False)  # fails before writing
+    # every input read and checked before the first file is written
+    load_dataset(args.data_dir, download=args.download, with_train=False)
+    studies = [(cc.STUDIES[p.stem.removesuffix("_epochs")], cc.Results(p.parent, p.stem))
+               for p in sorted(Path(args.results).glob("*.json"))
+               if p.stem.removesuffix("_epochs") in cc.STUDIES]
     history = load_checkpoint(args.run, required=("history",))["history"] if args.run else None
+    full = [h["eval_acc"] for h in history or [] if h.get("eval_images")]
+    if history is not None and not full:
+        raise ValueError(f"{args.run} holds no evaluation to draw")
+
     written = list(visualize_attention.main(
         ["--checkpoint", str(SHIPPED_MODEL), "--data-dir", args.data_dir,
          "--out-dir", str(out)]).values())
-
     png = out / "cpu_confusion_matrix.png"
     evaluate_checkpoint(TrainConfig(data_dir=args.data_dir, download=False, tta_flip=False),
                         SHIPPED_MODEL, png=png)
     written.append(png)
-
-    for name in sorted(p.stem for p in Path(args.results).glob("*.json")):
-        study = cc.STUDIES.get(name.removesuffix("_epochs"))
-        if study is None:
+    for study, res in studies:  # the plots only: the tables in results/ stay as they are
+        if not res.rows:
             continue
-        cc.report(study, cc.Results(Path(args.results), name), out)
-        written.append(cc.plot_path(out, name))
-
+        written.append(cc.plot_path(out, res.name))
+        cc.plot(study, res, written[-1])
+        epochs = cc.Results(res.path.parent, f"{study.name}_epochs")
+        if res.name == study.name and epochs.rows and study.plot == "bars":
+            written.append(cc.plot_path(out, f"{study.name}_views"))
+            cc.plot_views(study, res, epochs, written[-1])
     if history is not None:
-        curve = out / "cpu_accuracy_curve.png"
-        best = max(h["eval_acc"] for h in history if h.get("eval_images"))
-        save_curve_png(history, curve, f"{Path(args.run).parent.name}: best {100 * best:.2f}%")
-        written.append(curve)
+        written.append(out / "cpu_accuracy_curve.png")
+        save_curve_png(history, written[-1], f"{Path(args.run).parent.name}: best "
+                                             f"{100 * max(full):.2f}%")
     print(f"{len(written)} figures in {out}")
     return written
 

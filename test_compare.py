@@ -710,3 +710,20 @@ def test_the_transfer_study_fine_tunes_from_its_own_source_runs(data_dir, tmp_pa
     high = load_checkpoint(Path(got["ViT fine-tuned at 48x48, 10%"]["run_dir"]) / "last.pt")
     assert high["model_config"]["img_size"] == 48
     assert (tmp_path / "fig" / "study_transfer_epochs.png").is_file()
+
+
+def test_a_run_of_another_baseline_is_refused_in_one_table(tmp_path):
+    """A --set changes the baseline of every run and so their keys: such rows must not join a
+    table of the plain baseline, where they would sit beside its other seeds unmarked."""
+    patch = cc.STUDIES["patch"]
+    machine = {"cpu": "test CPU", "ref_img_s": 400.0, "torch": "2"}
+    res = cc.Results(tmp_path, "patch")
+    res.add(fake_row("patch", patch.runs[0], cc.run_config(patch.runs[0], BUDGET, cc.BASE),
+                     machine))
+    p8 = patch.runs[-1]
+    wider = cc.run_config(p8, BUDGET, {**cc.BASE, "batch_size": 256})
+    with pytest.raises(ValueError, match=r"batch_size \(128 there, 256 here\)"):
+        res.add(fake_row("patch", p8, wider, machine))
+    res.add(fake_row("patch", p8, cc.run_config(p8, BUDGET, cc.BASE), machine))  # its own change
+    assert [r["label"] for r in cc.Results(tmp_path, "patch").rows] == [patch.runs[0].label,
+                                                                         p8.label]

@@ -217,7 +217,7 @@ def test_relative_links_in_the_docs_point_at_files_that_exist():
 PAGES = [HERE / "README.md", HERE / "vit_architecture.md", *sorted((HERE / "docs").glob("*.md"))]
 REGISTRY = HERE / "docs" / "measurements.csv"
 _NUM = r"[+\-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-_UNIT = r"%|个百分点|张/秒|img/s"
+_UNIT = r"%|个百分点|张/秒|img/s|×(?!\d)"
 _SEP = r"\s*(?:-|–|、|/|到|至|或|和|与|,(?!\d)|，)\s*"  # not the comma of 81,501
 # A number with a unit, and the numbers listed before it that share the unit ("400、634、935
 # 张/秒", "81.40-82.05%", "82,579 / 81,501 张/秒").
@@ -275,7 +275,9 @@ def measured_values() -> set[float]:
         study = cc.STUDIES.get(path.stem.removesuffix("_epochs"))
         if path.parent.name == "results" and study:
             text = cc.table(study, cc.Results(path.parent, path.stem))
-            values.update(abs(as_float(s)) for s in re.findall(_NUM, text))
+            # its measured numbers: decimals and numbers with a unit (not seeds, times, counts)
+            values.update(abs(as_float(s)) for s in re.findall(
+                rf"{_NUM}(?=\s*(?:%|img/s|个百分点))|[+\-]?\d+\.\d+", text))
     for card in (HERE / "checkpoints").glob("*.json"):
         data = json.loads(card.read_text(encoding="utf-8"))
         values.update(data["test_accuracy"].values())

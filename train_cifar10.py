@@ -1,6 +1,6 @@
 """Train a Vision Transformer on CIFAR-10 (or any ImageFolder data set).
 
-    python train_cifar10.py --preset cpu --data-dir /tmp/cifar10   # the 2-core CPU recipe
+    python train_cifar10.py --preset cpu --data-dir data   # the 2-core CPU recipe
     python train_cifar10.py --preset gpu                  # full recipe, downloads CIFAR-10
     torchrun --nproc_per_node=4 train_cifar10.py --preset gpu   # DDP, one process per GPU
     python train_cifar10.py --resume checkpoints/RUN/last.pt    # continue exactly

@@ -3,7 +3,7 @@ per-head attention maps, from the model's own attention output (no hooks).
 
     python visualize_attention.py                # newest trained checkpoint, else the shipped model
     python visualize_attention.py --images my_cat.jpg                    # top-3 classes and rollout
-    python visualize_attention.py --checkpoint checkpoints/RUN/best.pt --data-dir /tmp/cifar10
+    python visualize_attention.py --checkpoint checkpoints/RUN/best.pt --data-dir data
     python visualize_attention.py --torchvision-weights vit_b_16 --images cat.jpg dog.png
     python visualize_attention.py --npz ViT-B_16.npz --images cat.jpg
     python visualize_attention.py --out-dir figures    # regenerate the guide's figures/
