@@ -30,7 +30,7 @@ MODELS = (*CIFAR_PRESETS, CNN)
 # Settings that exist for the ViT only; the CNN must keep their defaults (and Muon is refused for
 # it: Muon takes the blocks' matrices).
 VIT_ONLY = ("patch_drop", "full_token_epochs", "full_token_frac", "res_schedule", "drop_path",
-            "dropout", "embed_dim", "depth", "num_heads", "mlp_ratio")
+            "dropout", "embed_dim", "depth", "num_heads", "mlp_ratio", "mimetic_init")
 # Settings that say where things go or what is recorded, not what is trained: not part of a
 # run's identity.
 PLACE = ("data_dir", "download", "out_dir", "run_name", "overwrite", "wandb", "wandb_project",
@@ -53,6 +53,12 @@ class TrainConfig:
     mlp_ratio: float | None = _f(None, "override the preset's MLP size / D", type=float)
     classifier: str = _f("token", "'token' ([CLS], Eq. 4) or 'gap' (global average pooling)")
     pos_embed: str = _f("learned", "'learned', 'sincos' or 'none' (Appendix D.4)")
+    mimetic_init: bool = _f(False, "mimetic initialisation of self-attention (Trockman & Kolter, "
+                            "ICML 2023): after the usual initialisation, set each head's "
+                            "query-key weight product close to the identity and each layer's "
+                            "value-projection product close to minus the identity, as in "
+                            "pre-trained ViTs; not part of the ViT paper, so off by default to "
+                            "keep the paper's model; not with --init, whose weights replace it")
     dropout: float = _f(0.0, "dropout after dense layers")
     drop_path: float = _f(0.0, "stochastic depth rate of the last block")
     patch_drop: float = _f(0.0, "fraction of patch tokens dropped in training (faster steps)")
@@ -221,7 +227,8 @@ def model_config_of(cfg: TrainConfig, num_classes: int,
         return replace(ViTConfig(**source), num_classes=num_classes, representation_size=None,
                        img_size=cfg.img_size or source["img_size"], drop_rate=cfg.dropout,
                        drop_path_rate=cfg.drop_path, patch_drop_rate=cfg.patch_drop,
-                       dynamic_img_size=bool(cfg.res_schedule))
+                       dynamic_img_size=bool(cfg.res_schedule),
+                       mimetic_init=False)  # the pre-trained weights replace any initialisation
     if cfg.model == CNN:
         return ResNetConfig(num_classes=num_classes, img_size=cfg.img_size or 32)
     return model_config(cfg.model, num_classes=num_classes, patch_size=cfg.patch_size,
@@ -229,7 +236,8 @@ def model_config_of(cfg: TrainConfig, num_classes: int,
                         mlp_ratio=cfg.mlp_ratio, classifier=cfg.classifier,
                         pos_embed=cfg.pos_embed, drop_rate=cfg.dropout,
                         drop_path_rate=cfg.drop_path, patch_drop_rate=cfg.patch_drop,
-                        dynamic_img_size=bool(cfg.res_schedule), img_size=cfg.img_size or None)
+                        dynamic_img_size=bool(cfg.res_schedule), img_size=cfg.img_size or None,
+                        mimetic_init=cfg.mimetic_init)
 
 
 def build_model(mcfg: ViTConfig | ResNetConfig | dict[str, Any]) -> VisionTransformer | ResNetCIFAR:
@@ -307,6 +315,9 @@ def validate(cfg: TrainConfig) -> None:
         if fixed:
             raise ValueError(f"--init {cfg.init}: {', '.join(fixed)} cannot be changed, the "
                              f"architecture is the pre-trained model's")
+        if cfg.mimetic_init:
+            raise ValueError(f"--init {cfg.init}: --mimetic-init would do nothing, the "
+                             f"pre-trained weights replace the initialisation")
         return
     mcfg = model_config_of(cfg, num_classes=10)  # the model settings fit together (D % heads)
     stages = resolution_stages(cfg.res_schedule)
@@ -382,8 +393,11 @@ def check_same_model(cfg: TrainConfig, saved_model_config: dict[str, Any]) -> No
     """A resumed run must build the model its checkpoint holds (for a fine-tuning run: the same
     resolution and regularisation on the saved architecture)."""
     source = saved_model_config if cfg.init else None
-    new = model_config_of(cfg, saved_model_config["num_classes"], source).to_dict()
-    changed = {k: (v, new.get(k)) for k, v in saved_model_config.items() if new.get(k) != v}
+    mcfg = model_config_of(cfg, saved_model_config["num_classes"], source)
+    new = mcfg.to_dict()
+    # a setting newer than the checkpoint (mimetic_init, say) was its default there
+    saved = {**{f.name: f.default for f in dataclasses.fields(mcfg)}, **saved_model_config}
+    changed = {k: (v, new.get(k)) for k, v in saved.items() if new.get(k) != v}
     if changed:
         raise ValueError(f"the checkpoint was trained with another model config; differences "
                          f"(checkpoint, flags): {changed}")

@@ -176,6 +176,17 @@ def test_every_study_builds_valid_configs_that_change_one_thing():
     assert cc.BASE["val_split"] == 5000 and cc.BASE["optimizer"] == "muon"
 
 
+def test_a_setting_added_later_keeps_the_keys_of_rows_recorded_before_it():
+    """A row recorded before --mimetic-init existed (its config lacks the setting) keeps its key,
+    so a resumed study reuses it; the setting switched on is a different run."""
+    cfg = cc.run_config(cc.STUDIES["data"].runs[0], BUDGET, cc.BASE)
+    old = {k: v for k, v in dataclasses.asdict(cfg).items()
+           if k not in cc.PLACE and k != "mimetic_init"}  # the config as recorded then
+    old_key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
+    assert cc.run_key(cfg) == old_key
+    assert cc.run_key(dataclasses.replace(cfg, mimetic_init=True)) != old_key
+
+
 def test_patch_study_counts_flops_of_the_token_count():
     cfgs = [cc.run_config(r, BUDGET, cc.BASE) for r in cc.STUDIES["patch"].runs]
     assert [c.patch_size for c in cfgs] == [4, 4, 4, 2, 8]

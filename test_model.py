@@ -12,6 +12,8 @@ import torchvision
 
 from vit_model import (
     CIFAR_PRESETS,
+    MIMETIC_QK,
+    MIMETIC_VPROJ,
     MLP,
     Attention,
     Block,
@@ -429,6 +431,91 @@ def test_initialisation_follows_the_official_models():
     assert all(torch.count_nonzero(b.attn.qkv.bias) == 0 for b in model.blocks)
     w = model.patch_embed.proj.weight
     assert abs(w.std().item() - math.sqrt(1 / w[0].numel())) < 0.1 * math.sqrt(1 / w[0].numel())
+
+
+# Mimetic initialisation (Trockman & Kolter, ICML 2023), an option that is off by default
+
+def _qk_products(attn: Attention) -> list[torch.Tensor]:
+    """Per head, the D x D bilinear form of its scores: (x W_q^T)(y W_k^T)^T = x (W_q^T W_k) y^T,
+    with the head's rows taken as Attention.forward splits the fused qkv output."""
+    D, Dh = attn.qkv.in_features, attn.head_dim
+    w = attn.qkv.weight.detach().reshape(3, attn.num_heads, Dh, D)  # (q/k/v, h, D_h, D)
+    return [w[0, h].T @ w[1, h] for h in range(attn.num_heads)]
+
+
+def _vproj_product(attn: Attention) -> torch.Tensor:
+    """All heads together: x -> proj(v(x)) = x (W_proj W_v)^T, W_proj W_v of shape D x D."""
+    D = attn.qkv.in_features
+    return attn.proj.weight.detach() @ attn.qkv.weight.detach()[2 * D:]
+
+
+def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    return m[~torch.eye(m.shape[0], dtype=torch.bool)]
+
+
+def _expected_qk_diagonal(d: int, k: int, alpha: float, beta: float, n: int = 40) -> float:
+    """Mean diagonal of the best rank-k approximation of alpha Z + beta I, Z with N(0, 1/d)
+    entries (numpy Monte Carlo): what a head's W_q^T W_k should have, a head having rank k."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        m = alpha * rng.standard_normal((d, d)) / np.sqrt(d) + beta * np.eye(d)
+        u, s, vt = np.linalg.svd(m)
+        out.append(np.trace(u[:, :k] @ np.diag(s[:k]) @ vt[:k]) / d)
+    return float(np.mean(out))
+
+
+def test_mimetic_init_is_off_by_default_and_leaves_the_default_model_alone():
+    assert ViTConfig().mimetic_init is False
+    assert all(not vit_cifar(n).config.mimetic_init for n in CIFAR_PRESETS)
+    models, draws = [], []
+    for kw in (dict(), dict(mimetic_init=False), dict(mimetic_init=True)):
+        torch.manual_seed(0)
+        models.append(vit_cifar("vit_cifar_tiny", **kw).state_dict())
+        draws.append(torch.rand(4))
+    default, off, on = models
+    # off: the same parameters and the same random draws afterwards (no extra draw when off)
+    assert default.keys() == off.keys() == on.keys()
+    assert all(torch.equal(default[k], off[k]) for k in default) and torch.equal(*draws[:2])
+    # on: applied after the usual init, only the attention matrices change (biases stay zero)
+    changed = {k for k in default if not torch.equal(default[k], on[k])}
+    assert changed == {f"blocks.{i}.attn.{n}.weight" for i in range(6) for n in ("qkv", "proj")}
+
+
+def test_mimetic_init_query_key_near_identity_value_projection_near_minus_identity():
+    torch.manual_seed(0)
+    (a1, b1), (a2, b2) = MIMETIC_QK, MIMETIC_VPROJ
+    on = vit_cifar("vit_cifar_tiny", mimetic_init=True)  # D = 128, 4 heads of 32, 6 blocks
+    off = vit_cifar("vit_cifar_tiny")
+    D, Dh = on.embed_dim, on.blocks[0].attn.head_dim
+    expected = _expected_qk_diagonal(D, Dh, a1, b1)  # about 0.31 here; beta_1 * Dh / D = 0.175
+    assert expected > 1.5 * b1 * Dh / D  # the SVD keeps the directions closest to the identity
+    for i, (blk_on, blk_off) in enumerate(zip(on.blocks, off.blocks, strict=True)):
+        for h, (p_on, p_off) in enumerate(zip(_qk_products(blk_on.attn),
+                                              _qk_products(blk_off.attn), strict=True)):
+            diag, off_diag = p_on.diagonal().mean().item(), _off_diagonal(p_on).abs().mean().item()
+            assert diag == pytest.approx(expected, rel=0.05), (i, h)
+            assert diag > 4 * off_diag, (i, h)  # a clear positive diagonal
+            assert abs(p_off.diagonal().mean().item()) < 0.05, (i, h)  # xavier: none
+        m_on, m_off = _vproj_product(blk_on.attn), _vproj_product(blk_off.attn)
+        assert m_on.diagonal().mean().item() == pytest.approx(-b2, abs=0.02), i
+        # the rest is alpha_2 Z, entries N(0, 1/D) scaled by alpha_2
+        assert _off_diagonal(m_on).std().item() == pytest.approx(a2 / math.sqrt(D), rel=0.1), i
+        assert abs(m_off.diagonal().mean().item()) < 0.05, i
+
+
+def test_mimetic_init_makes_tokens_attend_to_themselves():
+    """What the identity-like W_q^T W_k does: on normalised tokens (as after norm1) every head puts
+    most of a token's attention on itself, where the default init spreads it about evenly."""
+    torch.manual_seed(0)
+    T = 65
+    x = torch.nn.functional.layer_norm(torch.randn(2, T, 128), (128,))
+    for mimetic, low, high in ((True, 0.5, 1.0), (False, 0.0, 3 / T)):
+        attn = vit_cifar("vit_cifar_tiny", mimetic_init=mimetic).blocks[0].attn
+        with torch.no_grad():
+            weights = attn(x, return_attention=True)[1]  # (2, heads, T, T)
+        self_attention = weights.diagonal(dim1=-2, dim2=-1).mean(dim=(0, 2))  # per head
+        assert ((low < self_attention) & (self_attention < high)).all(), (mimetic, self_attention)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the tests make themselves. Whole runs and other processes are marked slow."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -18,8 +19,19 @@ import torch
 from PIL import Image
 
 import train_cifar10 as tc
-from checkpoint import input_normalization, model_from_checkpoint
-from config import PRESETS, TrainConfig, config_command, preset, resolution_stages
+from checkpoint import input_normalization, load_checkpoint, model_from_checkpoint
+from config import (
+    PRESETS,
+    TrainConfig,
+    build_model,
+    build_parser,
+    check_same_model,
+    config_command,
+    config_from_args,
+    model_config_of,
+    preset,
+    resolution_stages,
+)
 from data import load_dataset
 from vit_model import vit_cifar
 
@@ -229,6 +241,45 @@ def test_the_shortest_command_reproduces_a_config():
     assert config_command(cfg) == "python train_cifar10.py --preset cpu --seed 3"
     assert config_command(TrainConfig(flip=False)) == "python train_cifar10.py --no-flip"
     assert set(PRESETS) == {"cpu", "gpu", "finetune"}
+
+
+def test_mimetic_init_is_an_option_kept_in_the_checkpoint(tmp_path):
+    parser = build_parser("test")
+    assert config_from_args(parser.parse_args([])).mimetic_init is False  # off: the paper's model
+    assert not any(preset(name).mimetic_init for name in PRESETS)
+    cfg = config_from_args(parser.parse_args(
+        ["--mimetic-init", "--embed-dim", "32", "--depth", "2", "--num-heads", "2"]))
+    assert cfg.mimetic_init and "--mimetic-init" in config_command(cfg)
+    mcfg = model_config_of(cfg, num_classes=10)
+    assert mcfg.mimetic_init
+    torch.manual_seed(0)
+    model = build_model(mcfg).eval()
+    path = tmp_path / "mimetic.pt"
+    torch.save({"config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(),
+                "model": model.state_dict()}, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["model_config"]["mimetic_init"] is True and ckpt["config"]["mimetic_init"] is True
+    torch.manual_seed(1)  # another seed: the saved weights come back, not a new mimetic draw
+    again = model_from_checkpoint(ckpt).eval()
+    assert again.config == mcfg
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    # part of the model a run resumes: it cannot be switched, also for a checkpoint saved before
+    # the option existed (which had it off)
+    check_same_model(cfg, ckpt["model_config"])
+    with pytest.raises(ValueError, match="mimetic_init"):
+        check_same_model(cfg.replace(mimetic_init=False), ckpt["model_config"])
+    older = {k: v for k, v in ckpt["model_config"].items() if k != "mimetic_init"}
+    check_same_model(cfg.replace(mimetic_init=False), older)
+    with pytest.raises(ValueError, match="mimetic_init"):
+        check_same_model(cfg, older)
+    # a ViT setting, and pre-trained weights (--init) would replace it
+    with pytest.raises(ValueError, match="--model resnet_cifar: --mimetic-init apply to ViT"):
+        preset(model="resnet_cifar", mimetic_init=True)
+    with pytest.raises(ValueError, match="--mimetic-init would do nothing"):
+        preset(init="some.pt", mimetic_init=True)
 
 
 # ---------------------------------------------------------------------------------------------

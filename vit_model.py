@@ -28,6 +28,12 @@ from torch import Tensor, nn
 CLASSIFIERS = ("token", "gap")
 POS_EMBEDS = ("learned", "sincos", "none")
 GELUS = ("erf", "tanh")
+# Mimetic initialisation (Trockman & Kolter, "Mimetic Initialization of Self-Attention Layers",
+# ICML 2023, arXiv:2305.09828): (alpha, beta) of W_q W_k^T ~ alpha_1 Z_1 + beta_1 I and of
+# W_v W_proj ~ alpha_2 Z_2 - beta_2 I, at the values for ViTs (alpha_1 = beta_1 = 0.7,
+# alpha_2 = beta_2 = 0.4); see VisionTransformer.init_mimetic.
+MIMETIC_QK = (0.7, 0.7)
+MIMETIC_VPROJ = (0.4, 0.4)
 
 
 @dataclass
@@ -55,6 +61,10 @@ class ViTConfig:
     dynamic_img_size: bool = False
     # MLP activation: "erf" (exact, as torchvision and timm) or "tanh" (flax's nn.gelu default)
     gelu: str = "erf"
+    # Not in the ViT paper: after the usual init, set each head's query-key product close to the
+    # identity and the value-projection product close to minus the identity (Trockman & Kolter
+    # 2023, "mimetic initialization"; VisionTransformer.init_mimetic). Off: the paper's model.
+    mimetic_init: bool = False
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -65,6 +75,8 @@ class ViTConfig:
                              f"{self.mlp_ratio} and {self.num_classes}")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
+        if not isinstance(self.mimetic_init, bool):
+            raise ValueError(f"mimetic_init must be True or False, got {self.mimetic_init!r}")
         if self.gelu not in GELUS:
             raise ValueError(f"gelu must be one of {GELUS}, got {self.gelu!r}")
         if self.pos_embed not in POS_EMBEDS:
@@ -319,6 +331,8 @@ class VisionTransformer(nn.Module):
         self.head = (nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0
                      else nn.Identity())
         self.init_weights()
+        if cfg.mimetic_init:  # after the usual init, which it leaves as it is when off
+            self.init_mimetic()
 
     def _sincos(self, grid_size: int) -> Tensor:
         pe = sincos_pos_embed_2d(grid_size, self.embed_dim)  # (g*g, D)
@@ -360,6 +374,49 @@ class VisionTransformer(nn.Module):
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+
+    @torch.no_grad()
+    def init_mimetic(self, qk: tuple[float, float] = MIMETIC_QK,
+                     vproj: tuple[float, float] = MIMETIC_VPROJ) -> None:
+        """Mimetic initialisation of every attention layer (Trockman & Kolter, "Mimetic
+        Initialization of Self-Attention Layers", ICML 2023): make the products of weights look
+        like those of pre-trained ViTs, a query-key product near the identity (so a token first
+        attends to itself and to tokens like it) and a value-projection product near minus it.
+
+        In this module's orientation (a Linear weight W maps x to x W^T; D_h = D / heads):
+          - head h: scores are (x W_q,h^T)(y W_k,h^T)^T = x (W_q,h^T W_k,h) y^T, a D x D bilinear
+            form of rank D_h. Draw M = alpha_1 Z + beta_1 I, Z of N(0, 1/D) entries, a new Z for
+            every head and layer; with M = U S V^T, set W_q,h = (U_k S_k^1/2)^T and
+            W_k,h = (V_k S_k^1/2)^T (k = D_h leading singular values), so W_q,h^T W_k,h is the
+            best rank-D_h approximation of M;
+          - all heads together: the value and output projections form the full-rank D x D map
+            x -> proj(v(x)) = x (W_proj W_v)^T. Draw M = alpha_2 Z - beta_2 I = U S V^T and set
+            W_proj = U S^1/2, W_v = S^1/2 V^T, so W_proj W_v = M exactly.
+        The q, k, v rows of the fused qkv weight are split by heads as Attention.forward splits
+        its output: rows s*D + h*D_h .. s*D + (h+1)*D_h - 1 for s = 0 (q), 1 (k), 2 (v). Biases
+        keep their zeros, and everything outside qkv.weight and proj.weight is untouched.
+        """
+        (a1, b1), (a2, b2) = qk, vproj
+        D = self.embed_dim
+        eye = torch.eye(D, dtype=torch.float64)
+
+        def factors(alpha: float, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+            z = torch.randn(D, D).double() / math.sqrt(D)  # Z: entries N(0, 1/D)
+            return torch.linalg.svd(alpha * z + beta * eye)  # U (D, D), S (D,), V^T (D, D)
+
+        for blk in self.blocks:
+            attn = blk.attn
+            Dh = attn.head_dim
+            w = attn.qkv.weight  # (3D, D)
+            for h in range(attn.num_heads):
+                U, S, Vt = factors(a1, b1)
+                root = S[:Dh].sqrt()  # (D_h,)
+                w[h * Dh:(h + 1) * Dh].copy_(root[:, None] * U[:, :Dh].T)  # W_q,h (D_h, D)
+                w[D + h * Dh:D + (h + 1) * Dh].copy_(root[:, None] * Vt[:Dh])  # W_k,h (D_h, D)
+            U, S, Vt = factors(a2, -b2)
+            root = S.sqrt()  # (D,)
+            w[2 * D:].copy_(root[:, None] * Vt)  # W_v (D, D)
+            attn.proj.weight.copy_(U * root)  # W_proj (D, D)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that AdamW should not decay (besides biases and norms)."""
