@@ -1,6 +1,7 @@
 """Shared test material: small data sets the tests make themselves (a user's clone has no
 CIFAR-10), the settings of a tiny training run, one finished tiny run for the tests that only need
-"a checkpoint", and the shape trace and parameter table that `python test_model.py` prints and
+"a checkpoint", a random tiny ViT's checkpoint with two image files (visualize_attention.py's
+tests), and the shape trace and parameter table that `python test_model.py` prints and
 test_docs.py checks against the guide.
 
 `python -m pytest -q` runs everything; `python -m pytest -q -m "not slow"` leaves out the tests
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 import train_cifar10 as tc
+from checkpoint import atomic_save
 from config import TrainConfig
 from vit_model import (
     CIFAR_PRESETS,
@@ -77,6 +79,28 @@ def write_image_folder(root: Path, n_train: int = 200, n_test: int = 100) -> Pat
     return root
 
 
+def write_tiny_checkpoint(folder: Path, **changes) -> tuple[Path, list[str]]:
+    """A random tiny ViT (32x32 input, patch 8: a 4x4 grid; 3 layers of 2 heads, [CLS] unless
+    changes say classifier="gap") saved as a run's folder/ckpts/run/best.pt, normalisation mean
+    0.5 and std 0.25; and two random 40x50 image files in folder."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(**{**dict(img_size=32, patch_size=8, num_classes=10, embed_dim=24, depth=3,
+                              num_heads=2), **changes})
+    model = VisionTransformer(cfg)
+    torch.nn.init.normal_(model.head.weight)  # the paper's zero head would tie every class
+    path = folder / "ckpts" / "run" / "best.pt"
+    path.parent.mkdir(parents=True)
+    atomic_save({"model_config": cfg.to_dict(), "model": model.state_dict(), "ema": None,
+                 "config": {}, "normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}}, path)
+    images = []
+    for i in range(2):
+        p = folder / f"img{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255)
+                        .astype(np.uint8)).save(p)
+        images.append(str(p))
+    return path, images
+
+
 # --------------------------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------------------------
@@ -110,6 +134,17 @@ def make_image_folder() -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def make_easy_images() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
     return easy_images
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A random tiny ViT with a [CLS] token as a run's best.pt, and two 40x50 image files."""
+    return write_tiny_checkpoint(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_checkpoint() -> Callable[..., tuple[Path, list[str]]]:
+    return write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,9 @@
 
 - the attention figures of docs/figures.md (the paper's Figure 7, Figure 6 and per-head maps):
   visualize_attention.py on the shipped model and 128 CIFAR-10 test images;
+- the screenshot of the attention explorer (explorer.png): visualize_attention.py --html on the
+  shipped model and the bundled photos, opened in headless Chromium (browser.py); left out, with
+  the reason printed, where no Chromium, chromedriver or selenium is installed;
 - the shipped model's confusion matrix on the 10,000 test images (train_cifar10.py --eval-only);
 - the study plots of docs/studies.md from results/*.json (compare_configs.py's own plotting: no
   training; the tables in results/ are left as they are);
@@ -19,13 +22,15 @@ older results (figures/previous/) are not redrawn.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
+import browser
 import compare_configs as cc
 import visualize_attention
 from checkpoint import load_checkpoint
 from config import TrainConfig
-from data import load_dataset
+from data import BUNDLED_SAMPLES, image_files, load_dataset
 from inference import SHIPPED_MODEL
 from plots import save_curve_png
 from runtime import run_cli
@@ -51,6 +56,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# What the screenshot shows: the cat (the one bundled photo of a CIFAR-10 class), its query patch
+# on the cat's left eye (row 4, column 4 of the 8 x 8 grid), the last layer, the mean over heads.
+EXPLORER_VIEW = {"file": "cat_chelsea.jpg", "query": 3 * 8 + 3, "layer": 6, "head": "mean"}
+
+
+def draw_explorer(png: Path) -> None:
+    """The explorer page of the shipped model and the bundled photos, written to a temporary
+    folder, and its screenshot as png."""
+    files = image_files(BUNDLED_SAMPLES)
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / "explorer.html"
+        visualize_attention.main(["--checkpoint", str(SHIPPED_MODEL), "--images",
+                                  *map(str, files), "--html", str(page)])
+        view = {k: v for k, v in EXPLORER_VIEW.items() if k != "file"}
+        view["image"] = [f.name for f in files].index(EXPLORER_VIEW["file"])
+        browser.screenshot_explorer(page, png, view)
+
+
 def make_all(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out_dir)
     # every input read and checked before the first file is written
@@ -62,6 +85,7 @@ def make_all(args: argparse.Namespace) -> list[Path]:
     full = [h["eval_acc"] for h in history or [] if h.get("eval_images")]
     if history is not None and not full:
         raise ValueError(f"{args.run} holds no evaluation to draw")
+    no_browser = browser.unavailable()
 
     written = list(visualize_attention.main(
         ["--checkpoint", str(SHIPPED_MODEL), "--data-dir", args.data_dir,
@@ -79,6 +103,11 @@ def make_all(args: argparse.Namespace) -> list[Path]:
         if res.name == study.name and epochs.rows and study.plot == "bars":
             written.append(cc.plot_path(out, f"{study.name}_views"))
             cc.plot_views(study, res, epochs, written[-1])
+    if no_browser:
+        print(f"explorer.png left out: {no_browser}")
+    else:
+        written.append(out / "explorer.png")
+        draw_explorer(written[-1])
     if history is not None:
         written.append(out / "cpu_accuracy_curve.png")
         save_curve_png(history, written[-1], f"{Path(args.run).parent.name}: best "

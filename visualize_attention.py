@@ -7,8 +7,13 @@ per-head attention maps, from the model's own attention output (no hooks).
     python visualize_attention.py --torchvision-weights vit_b_16 --images cat.jpg dog.png
     python visualize_attention.py --npz ViT-B_16.npz --images cat.jpg
     python visualize_attention.py --out-dir figures    # regenerate the guide's figures/
+    python visualize_attention.py --html               # the attention explorer: one HTML page
 
-The PNG files go to outputs/figures/ (not tracked by git) unless --out-dir says otherwise.
+The PNG files go to outputs/figures/ (not tracked by git) unless --out-dir says otherwise. With
+--html the script writes only the explorer instead: one self-contained page (no server, no network;
+it opens from disk and can be e-mailed) where a click on a patch shows its attention row for any
+layer and head, the heads of every layer, attention rollout with its choices, the top-3 classes and
+the mean attention distance; outputs/explorer.html unless a path follows --html.
 
 The computations (rollout, mean attention distance, position-embedding similarity, filter PCA) are
 plain tensor functions, separate from the plotting below them.
@@ -17,6 +22,10 @@ plain tensor functions, separate from the plotting below them.
 from __future__ import annotations
 
 import argparse
+import base64
+import io
+import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from checkpoint import (
+    check_writable,
     find_latest_checkpoint,
     input_normalization,
     load_checkpoint,
@@ -49,6 +59,17 @@ from vit_model import VisionTransformer, ViTConfig, load_jax_npz, load_torchvisi
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision weights
 GOOGLE_MEAN, GOOGLE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # Google .npz checkpoints: [-1, 1]
+HEAD_FUSIONS = ("mean", "max", "min")  # how attention_rollout combines the heads of a layer
+
+# The explorer page (--html): a template filled with the data as JSON. The page stores attention
+# weights as integers in ATTENTION_UNIT: off by at most 5e-6, so 3-4 significant digits for the
+# weights of a 64-patch row (mean 1/64), in 40% fewer bytes than decimal fractions. The generator
+# line marks a page this script wrote, which a later --html may replace.
+EXPLORER_TEMPLATE = Path(__file__).resolve().parent / "assets" / "explorer_template.html"
+EXPLORER_SLOT = "__EXPLORER_DATA__"
+EXPLORER_GENERATOR = "vit_from_scratch visualize_attention.py --html"
+DEFAULT_HTML = "outputs/explorer.html"
+ATTENTION_UNIT = 1e-5
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +227,11 @@ class Images:
     originals: list[Tensor] | None
     name: str
 
+    def shown(self, n: int) -> list[Tensor]:
+        """The first n images as a reader sees them: at their own resolution when they came
+        from files, each (3, H, W)."""
+        return self.originals[:n] if self.originals is not None else list(self.x[:n])
+
 
 def _from_files(files: list[Path], size: int, labels: list[str], name: str) -> Images:
     originals = [read_image(f) for f in files]
@@ -255,6 +281,38 @@ def collect_attention(model: VisionTransformer, x: Tensor, mean: tuple, std: tup
         for store, a in zip(layers, attns, strict=True):
             store.append(a.cpu())
     return [torch.cat(a) for a in layers], torch.cat(logits)
+
+
+@dataclass
+class Look:
+    """What the figures and the explorer page are drawn from: the model, the images, every layer's
+    attention of all images (B, h, T, T), their mean attention distance (layers, heads), each
+    image's top-3 classes, and the seconds the attention and distances took."""
+
+    src: Source
+    imgs: Images
+    attentions: list[Tensor]
+    dist: Tensor
+    tops: list[list[tuple[str, float]]]
+    seconds: float
+
+
+def look_inside(args: argparse.Namespace, src: Source) -> Look:
+    """Load the images, run the model over them once and measure the mean attention distance;
+    prints the top-3 classes of image files."""
+    model, cfg = src.model.eval(), src.model.config
+    imgs = load_images(args, cfg.img_size)
+    print(f"model: {src.name}; images: {imgs.name}")
+    t0 = time.perf_counter()
+    attentions, logits = collect_attention(model, imgs.x, src.mean, src.std)
+    dist = mean_attention_distance(attentions, cfg.grid_size, cfg.patch_size,
+                                   model.num_prefix_tokens)
+    seconds = time.perf_counter() - t0
+    tops = top_classes(logits, src.classes)
+    if imgs.originals is not None:
+        for label, top in zip(imgs.labels, tops, strict=True):
+            print(f"  {label}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top))
+    return Look(src, imgs, attentions, dist, tops, seconds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,6 +449,107 @@ def plot_heads(image: Tensor, attentions: list[Tensor], layers: list[int], num_p
 
 
 # --------------------------------------------------------------------------------------------
+# The explorer page: one HTML file, the same numbers as the figures
+# --------------------------------------------------------------------------------------------
+
+def _rounded(x: Tensor | list | float, digits: int = 4) -> Any:
+    """x as nested lists of floats with `digits` significant digits (the page's JSON)."""
+    if isinstance(x, Tensor):
+        x = x.tolist()
+    if isinstance(x, list):
+        return [_rounded(v, digits) for v in x]
+    return float(f"{x:.{digits}g}")
+
+
+def png_data_url(image: Tensor, max_side: int = 256) -> tuple[str, int, int]:
+    """A uint8 image (3, H, W) as a base64 PNG data URL, scaled down (never up) to fit
+    max_side x max_side; with its width and height."""
+    from PIL import Image
+
+    im = Image.fromarray(image.permute(1, 2, 0).numpy())
+    im.thumbnail((max_side, max_side), Image.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return ("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"),
+            im.width, im.height)
+
+
+def explorer_data(look: Look, n: int, head_fusion: str = "mean") -> dict[str, Any]:
+    """What the explorer page shows, as JSON-ready values: for each of the first n images, the
+    image, its top-3 classes, every layer's attention (L, h, T, T) in integers of ATTENTION_UNIT,
+    and attention_rollout through all layers for each head fusion, as the patch map of
+    rollout_to_patch_map (N_p,). The page computes rollout itself for the layers the reader
+    picks and checks itself against these. The mean attention distance is over all images."""
+    model, cfg = look.src.model, look.src.model.config
+    pre = model.num_prefix_tokens
+    first = [a[:n] for a in look.attentions]  # L x (n, h, T, T)
+    rollouts = {f: rollout_to_patch_map(attention_rollout(first, f), pre, cfg.grid_size)
+                .flatten(1) for f in HEAD_FUSIONS}  # (n, N_p) each
+    images = []
+    for i, image in enumerate(look.imgs.shown(n)):
+        url, width, height = png_data_url(image)
+        attention = torch.stack([a[i] for a in first])  # (L, h, T, T)
+        images.append({
+            "label": look.imgs.labels[i], "png": url, "width": width, "height": height,
+            "top3": [[c, _rounded(p)] for c, p in look.tops[i]],
+            "attention": (attention.double() / ATTENTION_UNIT).round().int().tolist(),
+            "rollout": {f: _rounded(r[i]) for f, r in rollouts.items()}})
+    return {"model": look.src.name, "images_from": look.imgs.name, "img_size": cfg.img_size,
+            "patch_size": cfg.patch_size, "grid": cfg.grid_size, "layers": cfg.depth,
+            "heads": cfg.num_heads, "prefix_tokens": pre, "attention_unit": ATTENTION_UNIT,
+            "head_fusion": head_fusion,
+            "distance": {"pixels": _rounded(look.dist, 6), "images": len(look.imgs.x),
+                         "uniform": _rounded(uniform_attention_distance(cfg.grid_size,
+                                                                        cfg.patch_size), 6)},
+            "images": images}
+
+
+def render_explorer(data: dict[str, Any]) -> str:
+    """The page: the template with the data in its JSON script block (every `<` escaped as
+    \\u003c, so no label can end the block)."""
+    blob = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
+    return EXPLORER_TEMPLATE.read_text(encoding="utf-8").replace(EXPLORER_SLOT, blob)
+
+
+def check_html_path(path: Path, create_folder: bool = False) -> None:
+    """--html PATH names a new .html file in a folder that exists (or is created, for the default
+    outputs/), or a page this script wrote before, which is replaced; never any other file."""
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"--html {path}: name an .html file (the page is one HTML file)")
+    if path.is_dir():
+        raise ValueError(f"--html {path} is a folder: name an .html file")
+    if not create_folder and not path.parent.is_dir():
+        raise ValueError(f"--html {path}: the folder {path.parent} does not exist; create it "
+                         f"first (or give --html alone to write {DEFAULT_HTML})")
+    check_writable(path.parent)
+    if path.exists():
+        with open(path, "rb") as f:
+            ours = EXPLORER_GENERATOR.encode() in f.read(4096)
+        if not ours:
+            raise ValueError(f"--html {path} exists and is not an explorer page written by this "
+                             f"script; it was left as it is: choose another path")
+
+
+def write_explorer(args: argparse.Namespace) -> dict[str, Path]:
+    """--html: the explorer page of the first --show images, and nothing else."""
+    path = Path(args.html)
+    check_html_path(path, create_folder=args.html == DEFAULT_HTML)
+    look = look_inside(args, load_model(args))
+    n = min(args.show, len(look.imgs.x))
+    page = render_explorer(explorer_data(look, n, args.head_fusion))
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:  # written whole, then renamed: an interrupted run leaves the earlier page as it was
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"explorer page of {n} image(s), mean attention distance over {len(look.imgs.x)}: "
+          f"{path} ({len(page.encode()) / 2**20:.1f} MB; open it in a web browser, no server or "
+          f"network needed)")
+    return {"explorer": path}
+
+
+# --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
 
@@ -414,9 +573,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="download CIFAR-10 into --data-dir when it is not there")
     img.add_argument("--num-images", type=int, default=128,
                      help="images for the mean attention distance (the paper uses 128)")
-    img.add_argument("--show", type=int, default=6, help="images shown in the rollout figure")
-    p.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"),
-                   help="how the heads of a layer are combined in attention rollout")
+    img.add_argument("--show", type=int, default=6,
+                     help="images shown in the rollout figure and in the --html page")
+    p.add_argument("--html", nargs="?", const=DEFAULT_HTML, metavar="PATH",
+                   help="write the attention explorer instead of the PNG figures: one "
+                        "self-contained HTML page (no server, no network) of the first --show "
+                        "images, with the mean attention distance over all the images; PATH "
+                        f"defaults to {DEFAULT_HTML} (a page written earlier is replaced, any "
+                        "other file is left alone; another PATH's folder must exist). --out-dir, "
+                        "--layers, --num-pcs and --wandb are for the figures")
+    p.add_argument("--head-fusion", default="mean", choices=HEAD_FUSIONS,
+                   help="how the heads of a layer are combined in attention rollout (the "
+                        "--html page starts with it)")
     p.add_argument("--layers", type=int, nargs="+", help="layers (1-based) for attention_heads.png "
                                                          "(default: first, middle, last)")
     p.add_argument("--num-pcs", type=int, default=28,
@@ -443,9 +611,7 @@ def default_layers(depth: int) -> list[int]:
 
 def make_figures(args: argparse.Namespace) -> dict[str, Path]:
     src = load_model(args)
-    model, source, mean, std, class_names = (src.model.eval(), src.name, src.mean, src.std,
-                                             src.classes)
-    cfg = model.config
+    model, source, cfg = src.model.eval(), src.name, src.model.config
     grid, P, pre = cfg.grid_size, cfg.patch_size, model.num_prefix_tokens
     layers = [l - 1 for l in args.layers] if args.layers else default_layers(cfg.depth)
     bad = [l + 1 for l in layers if not 0 <= l < cfg.depth]
@@ -456,17 +622,8 @@ def make_figures(args: argparse.Namespace) -> dict[str, Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot create the output folder {out}: {e}") from e
-    imgs = load_images(args, cfg.img_size)
-    print(f"model: {source}; images: {imgs.name}")
-
-    t0 = time.perf_counter()
-    attentions, logits = collect_attention(model, imgs.x, mean, std)
-    dist = mean_attention_distance(attentions, grid, P, pre)
-    t_dist = time.perf_counter() - t0
-    tops = top_classes(logits, class_names)
-    if imgs.originals is not None:
-        for label, top in zip(imgs.labels, tops, strict=True):
-            print(f"  {label}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top))
+    look = look_inside(args, src)
+    imgs, attentions, dist, tops = look.imgs, look.attentions, look.dist, look.tops
 
     files = {name: out / f"{name}.png" for name in (
         "fig7_embedding_filters", "fig7_position_similarity", "fig7_attention_distance",
@@ -488,12 +645,11 @@ def make_figures(args: argparse.Namespace) -> dict[str, Path]:
     n = min(args.show, len(imgs.x))
     maps = rollout_to_patch_map(attention_rollout([a[:n] for a in attentions], args.head_fusion),
                                 pre, grid)
-    shown = imgs.originals[:n] if imgs.originals is not None else list(imgs.x[:n])
-    plot_rollout(shown, maps, imgs.labels[:n], [top[0][0] for top in tops[:n]],
+    plot_rollout(imgs.shown(n), maps, imgs.labels[:n], [top[0][0] for top in tops[:n]],
                  files["fig6_attention_rollout"], args.head_fusion, source)
     plot_heads(imgs.x[0], [a[:1] for a in attentions], layers, pre, grid, files["attention_heads"],
                source)
-    print(f"attention of {len(imgs.x)} images and their mean distances: {t_dist:.2f} s "
+    print(f"attention of {len(imgs.x)} images and their mean distances: {look.seconds:.2f} s "
           f"(Figure 7 right averages over these {len(imgs.x)} images)")
     for path in files.values():
         print(f"  {path}")
@@ -510,10 +666,15 @@ def make_figures(args: argparse.Namespace) -> dict[str, Path]:
     return files
 
 
+def run(args: argparse.Namespace) -> dict[str, Path]:
+    """The explorer page with --html, else the figures; the files written."""
+    return write_explorer(args) if args.html else make_figures(args)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     """The command line: our errors become one line `error: ...` and exit code 2 (--debug:
     traceback)."""
-    return run_cli(lambda args: make_figures(parse_args(args)), argv)
+    return run_cli(lambda args: run(parse_args(args)), argv)
 
 
 if __name__ == "__main__":
