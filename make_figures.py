@@ -22,6 +22,7 @@ older results (figures/previous/) are not redrawn.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -61,13 +62,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 EXPLORER_VIEW = {"file": "cat_chelsea.jpg", "query": 3 * 8 + 3, "layer": 6, "head": "mean"}
 
 
+def shipped_model() -> str:
+    """The shipped model's path as the figures' titles show it: relative to the working folder
+    (checkpoints/vit_cifar_tiny_cpu.pt from the repository root), not this machine's full path."""
+    return os.path.relpath(SHIPPED_MODEL)
+
+
 def draw_explorer(png: Path) -> None:
     """The explorer page of the shipped model and the bundled photos, written to a temporary
     folder, and its screenshot as png."""
     files = image_files(BUNDLED_SAMPLES)
     with tempfile.TemporaryDirectory() as tmp:
         page = Path(tmp) / "explorer.html"
-        visualize_attention.main(["--checkpoint", str(SHIPPED_MODEL), "--images",
+        visualize_attention.main(["--checkpoint", shipped_model(), "--images",
                                   *map(str, files), "--html", str(page)])
         view = {k: v for k, v in EXPLORER_VIEW.items() if k != "file"}
         view["image"] = [f.name for f in files].index(EXPLORER_VIEW["file"])
@@ -88,7 +95,7 @@ def make_all(args: argparse.Namespace) -> list[Path]:
     no_browser = browser.unavailable()
 
     written = list(visualize_attention.main(
-        ["--checkpoint", str(SHIPPED_MODEL), "--data-dir", args.data_dir,
+        ["--checkpoint", shipped_model(), "--data-dir", args.data_dir,
          "--out-dir", str(out)]).values())
     png = out / "cpu_confusion_matrix.png"
     evaluate_checkpoint(TrainConfig(data_dir=args.data_dir, download=False, tta_flip=False),

@@ -2,8 +2,8 @@
 the written page are the model's own (recomputed here with its forward pass), the page needs
 nothing from outside, and the command refuses what it should. Then, in a real headless Chromium
 (skipped where none is installed; browser.py): the page loads with no console error, a click on a
-patch shows that patch's attention row, the layer and head controls change it, and the page's own
-rollout equals attention_rollout()."""
+patch shows that patch's attention row (read back from the drawn pixels too), the layer and head
+controls change it, and the page's own rollout equals attention_rollout()."""
 
 from __future__ import annotations
 
@@ -123,7 +123,56 @@ def test_html_writes_only_the_page_and_refuses_other_files(make_tiny_checkpoint,
     mine.write_text("<p>my own notes</p>")
     assert "is not an explorer page written by this script" in run("--html", str(mine))
     assert mine.read_text() == "<p>my own notes</p>"
-    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "outputs").glob(".*"))
+    assert "name an .html file" in run("--html", "")  # an empty $VAR: no figures instead
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["explorer.html"]
+    # the page is written to a temporary file of its own first: never to one of the user's
+    (tmp_path / ".page.html.tmp").write_text("my own notes")
+    va.main(["--checkpoint", str(path), "--images", *images, "--html", "page.html"])
+    assert (tmp_path / ".page.html.tmp").read_text() == "my own notes"
+    assert [p.name for p in tmp_path.glob(".*.tmp")] == [".page.html.tmp"]
+    assert not list((tmp_path / "outputs").glob(".*"))
+
+
+@pytest.mark.parametrize("weight", ["blocks.0.attn.qkv.weight", "head.weight"])
+def test_a_broken_model_gets_an_error_not_an_empty_page(make_tiny_checkpoint, tmp_path, capsys,
+                                                         weight):
+    """NaN weights (a diverged run) make NaN attention or class probabilities: JSON.parse
+    refuses NaN, so the page would stay empty."""
+    path, images = make_tiny_checkpoint(tmp_path)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["model"][weight] = torch.full_like(ckpt["model"][weight], float("nan"))
+    torch.save(ckpt, path)
+    page = tmp_path / "explorer.html"
+    with pytest.raises(SystemExit) as e:
+        va.main(["--checkpoint", str(path), "--images", *images, "--html", str(page)])
+    assert e.value.code == 2
+    what = "the attention of layer(s) 1, 2, 3" if "attn" in weight else "the class probabilities"
+    assert f"gives NaN or infinite values in {what}" in capsys.readouterr().err
+    assert not page.exists()
+
+
+def test_a_page_too_large_for_a_browser_is_refused(make_tiny_checkpoint, tmp_path, monkeypatch,
+                                                   capsys):
+    """A browser cannot read a string over EXPLORER_MAX_CHARS (512 MB in Chromium): such a page
+    (a ViT-B/16 at 384 px has 48M weights an image) is refused before the work when the estimate
+    says so, and after it, with nothing written, when the page itself is too long."""
+    path, images = make_tiny_checkpoint(tmp_path)  # 3 layers x 2 heads x 17 x 17 tokens
+    page = tmp_path / "explorer.html"
+
+    def run(*flags: str) -> tuple[str, str]:
+        with pytest.raises(SystemExit) as e:
+            va.main(["--checkpoint", str(path), "--images", *images, "--html", str(page), *flags])
+        assert e.value.code == 2
+        return tuple(capsys.readouterr())  # (out, err)
+
+    weights = 3 * 2 * 17 * 17
+    monkeypatch.setattr(va, "EXPLORER_MAX_CHARS", 3 * va.CHARS_PER_WEIGHT * weights // 2)
+    out, err = run()
+    assert "1,734 weights an image" in err and "use --show 1 or fewer" in err
+    assert "model:" not in out  # refused before the model ran
+    monkeypatch.setattr(va, "EXPLORER_MAX_CHARS", 20_000)  # 1 image fits the estimate, not the page
+    assert "nothing was written: use a smaller --show" in run("--show", "1")[1]
+    assert not page.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,6 +186,35 @@ def chromium():
         pytest.skip(f"the explorer's browser test needs headless Chromium: {reason}")
     with browser.chromium() as driver:
         yield driver
+
+
+def heat_map(driver, image: int, panel: str, grid: int) -> list[list[float]]:
+    """The colour a panel of an image (a CSS selector within its card) shows in the centre of
+    each patch cell, (N_p, 3), with the picture under it taken out: the heat map as drawn."""
+    pixels = driver.execute_script("""
+        const [i, selector, G] = arguments;
+        const card = document.querySelectorAll("article.card")[i];
+        const cv = card.querySelector(selector), pic = card.querySelector(".f-picture canvas");
+        const at = (c, x, y) => Array.from(c.getContext("2d").getImageData(x, y, 1, 1).data);
+        return Array.from({length: G * G}, (_, p) => {
+          const x = Math.floor((p % G + 0.5) * cv.width / G);
+          const y = Math.floor((Math.floor(p / G) + 0.5) * cv.height / G);
+          return [at(cv, x, y).slice(0, 3), at(pic, x, y).slice(0, 3)];
+        });""", image, panel, grid)
+    alpha = 1.0 if panel.startswith("canvas[title") else 0.72  # thumbnails: no picture under them
+    return [[(d - (1 - alpha) * b) / alpha for d, b in zip(shown, under, strict=True)]
+            for shown, under in pixels]
+
+
+def assert_heat_map(driver, image: int, panel: str, grid: int, values: list[float],
+                    top: float | None = None) -> None:
+    """The panel shows values, coloured from 0 to top (their maximum unless given) by the page's
+    colour map, within the rounding of 8-bit colour."""
+    top = top or max(values)
+    want = driver.execute_script("return arguments[0].map(t => colour(t))",
+                                 [v / top for v in values])
+    got = heat_map(driver, image, panel, grid)
+    assert got == [pytest.approx(c, abs=3) for c in want], panel
 
 
 def click_patch(driver, canvas, row: int, col: int, grid: int, click: bool = True) -> None:
@@ -186,6 +264,7 @@ def test_clicking_through_the_page_in_chromium(chromium, make_tiny_checkpoint, t
     assert (now["query"], now["layer"], now["head"]) == (q, L, "mean")
     assert canvas.get_attribute("data-query") == str(q)
     assert now["values"] == pytest.approx(row(1, L, "mean", q), abs=1e-12)
+    assert_heat_map(chromium, 1, "canvas.attention", G, row(1, L, "mean", q))  # as drawn
     assert shown(0)["query"] == first_query  # the other image keeps its own
     # hovering shows another patch's row; leaving goes back to the clicked one
     click_patch(chromium, cards[1].find_element(By.CSS_SELECTOR, "canvas.image"), 3, 0, G,
@@ -203,6 +282,12 @@ def test_clicking_through_the_page_in_chromium(chromium, make_tiny_checkpoint, t
     assert (now["layer"], now["head"], now["query"]) == (1, 2, q)
     assert now["values"] == pytest.approx(row(1, 1, 2, q), abs=1e-12)
     assert now["values"] != pytest.approx(row(1, 1, 1, q), abs=1e-6)
+    assert_heat_map(chromium, 1, "canvas.attention", G, row(1, 1, 2, q))
+    # the thumbnails: one colour scale for the layer's heads and their mean
+    top = max(max(row(1, 1, h, q)) for h in [*range(1, data["heads"] + 1), "mean"])
+    for head, title in ((2, "head 2"), ("mean", f"mean over {data['heads']} heads")):
+        assert_heat_map(chromium, 1, f'canvas[title="layer 1, {title}"]', G, row(1, 1, head, q),
+                        top=top)
     # so does a thumbnail of the heads grid
     cards[1].find_element(By.CSS_SELECTOR, 'canvas[title="layer 2, head 1"]').click()
     assert (shown(1)["layer"], shown(1)["head"]) == (2, 1)
@@ -224,9 +309,30 @@ def test_clicking_through_the_page_in_chromium(chromium, make_tiny_checkpoint, t
     assert (rollout.get_attribute("data-fusion"), rollout.get_attribute("data-first")) == ("max",
                                                                                            "2")
     assert shown(1)["rollout"] == pytest.approx(ref[0].flatten().tolist(), rel=1e-5)
+    assert_heat_map(chromium, 1, "canvas.rollout", G, ref[0].flatten().tolist())
+    # the mean attention distance table: the numbers of the page's data
+    cells = [c.text for c in chromium.find_elements(By.CSS_SELECTOR, "#distance-table td")]
+    assert cells == [f"{v:.1f}" for r in data["distance"]["pixels"] for v in r]
 
     errors = [e for e in chromium.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert not errors, errors
     shot = tmp_path / "explorer.png"
     chromium.save_screenshot(str(shot))
     assert Image.open(shot).size == (1180, 800)
+
+
+@pytest.mark.slow
+def test_a_strip_of_an_image_still_has_patches_to_click(chromium, make_tiny_checkpoint, tmp_path):
+    """A 600 x 3 image keeps its shape on the page, but not down to cells of a pixel: each side
+    at least 60 CSS pixels, so its patches can be clicked."""
+    from selenium.webdriver.common.by import By
+
+    path, _ = make_tiny_checkpoint(tmp_path)
+    strip, page = tmp_path / "strip.png", tmp_path / "explorer.html"
+    Image.new("RGB", (600, 3), (200, 120, 40)).save(strip)
+    va.main(["--checkpoint", str(path), "--images", str(strip), "--html", str(page)])
+    browser.open_explorer(chromium, page)
+    canvas = chromium.find_element(By.CSS_SELECTOR, "canvas.attention")
+    assert canvas.size["width"] == 240 and canvas.size["height"] >= 60
+    click_patch(chromium, canvas, 2, 1, 4)
+    assert chromium.execute_script("return explorer.shown(0).query") == 1 + 2 * 4 + 1

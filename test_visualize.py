@@ -182,3 +182,12 @@ def test_make_figures_checks_its_inputs_before_writing(tmp_path):
     with pytest.raises(SystemExit) as e:
         make_figures.main(["--data-dir", str(tmp_path / "nothing"), "--out-dir", str(out)])
     assert e.value.code == 2 and not out.exists()
+
+
+def test_the_guide_figures_name_the_shipped_model_by_its_path_in_the_repository(monkeypatch):
+    """The figures' titles show the checkpoint's path: from the repository root it is the
+    repository's own path, never the full path of the machine that drew them."""
+    import make_figures
+    from inference import SHIPPED_MODEL
+    monkeypatch.chdir(SHIPPED_MODEL.parent.parent)
+    assert make_figures.shipped_model() == "checkpoints/vit_cifar_tiny_cpu.pt"

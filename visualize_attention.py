@@ -25,6 +25,7 @@ import argparse
 import base64
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -70,6 +71,11 @@ EXPLORER_SLOT = "__EXPLORER_DATA__"
 EXPLORER_GENERATOR = "vit_from_scratch visualize_attention.py --html"
 DEFAULT_HTML = "outputs/explorer.html"
 ATTENTION_UNIT = 1e-5
+# The longest string Chromium's JavaScript holds (V8, 64-bit): a page whose data is longer cannot be
+# read by the browser. A weight takes about 4 characters of it (digits and a comma; 4.0-4.4 measured
+# for the shipped model and random ones with 64-577 tokens).
+EXPLORER_MAX_CHARS = 2**29 - 24
+CHARS_PER_WEIGHT = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,6 +487,14 @@ def explorer_data(look: Look, n: int, head_fusion: str = "mean") -> dict[str, An
     rollout_to_patch_map (N_p,). The page computes rollout itself for the layers the reader
     picks and checks itself against these. The mean attention distance is over all images."""
     model, cfg = look.src.model, look.src.model.config
+    # NaN would make the page's JSON unreadable (an empty page) and its weights garbage integers
+    layers = [l + 1 for l, a in enumerate(look.attentions) if not torch.isfinite(a).all()]
+    broken = [f"the attention of layer(s) {', '.join(map(str, layers))}"] * bool(layers)
+    broken += ["the class probabilities"] * (not all(math.isfinite(p) for top in look.tops
+                                                     for _, p in top))
+    if broken:
+        raise ValueError(f"{look.src.name} gives NaN or infinite values in {', '.join(broken)}: "
+                         f"its weights are broken (a diverged run?); no page was written")
     pre = model.num_prefix_tokens
     first = [a[:n] for a in look.attentions]  # L x (n, h, T, T)
     rollouts = {f: rollout_to_patch_map(attention_rollout(first, f), pre, cfg.grid_size)
@@ -507,7 +521,7 @@ def explorer_data(look: Look, n: int, head_fusion: str = "mean") -> dict[str, An
 def render_explorer(data: dict[str, Any]) -> str:
     """The page: the template with the data in its JSON script block (every `<` escaped as
     \\u003c, so no label can end the block)."""
-    blob = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
+    blob = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     return EXPLORER_TEMPLATE.read_text(encoding="utf-8").replace(EXPLORER_SLOT, blob)
 
 
@@ -530,14 +544,37 @@ def check_html_path(path: Path, create_folder: bool = False) -> None:
                              f"script; it was left as it is: choose another path")
 
 
+def check_explorer_size(cfg: ViTConfig, num_prefix_tokens: int, n: int) -> None:
+    """Refuse, before any work (a page too large takes minutes and GBs to make), a page of n
+    images that no browser could read: its data holds L x h x T x T weights an image."""
+    tokens = num_prefix_tokens + cfg.grid_size**2
+    weights = cfg.depth * cfg.num_heads * tokens**2  # per image
+    fit = EXPLORER_MAX_CHARS // (CHARS_PER_WEIGHT * weights)
+    if n > fit:
+        what = (f"use --show {fit} or fewer" if fit else
+                "this model's attention is too large for the page; use the PNG figures")
+        size = CHARS_PER_WEIGHT * n * weights / 2**20
+        raise ValueError(f"--html: {n} image(s) of this model ({cfg.depth} layers x "
+                         f"{cfg.num_heads} heads x {tokens}x{tokens} tokens, {weights:,} weights "
+                         f"an image) make a page of about {size:.0f} MB, more than a browser "
+                         f"reads ({EXPLORER_MAX_CHARS / 2**20:.0f} MB): {what}")
+
+
 def write_explorer(args: argparse.Namespace) -> dict[str, Path]:
     """--html: the explorer page of the first --show images, and nothing else."""
     path = Path(args.html)
     check_html_path(path, create_folder=args.html == DEFAULT_HTML)
-    look = look_inside(args, load_model(args))
+    src = load_model(args)
+    check_explorer_size(src.model.config, src.model.num_prefix_tokens,
+                        min(args.show, len(args.images)) if args.images else args.show)
+    look = look_inside(args, src)
     n = min(args.show, len(look.imgs.x))
     page = render_explorer(explorer_data(look, n, args.head_fusion))
-    tmp = path.with_name(f".{path.name}.tmp")
+    if len(page) > EXPLORER_MAX_CHARS:
+        raise ValueError(f"--html: the page of {n} image(s) would be {len(page) / 2**20:.0f} MB, "
+                         f"more than a browser reads ({EXPLORER_MAX_CHARS / 2**20:.0f} MB); "
+                         f"nothing was written: use a smaller --show")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # its own: runs at once never mix
     try:  # written whole, then renamed: an interrupted run leaves the earlier page as it was
         tmp.write_text(page, encoding="utf-8")
         os.replace(tmp, path)
@@ -668,7 +705,7 @@ def make_figures(args: argparse.Namespace) -> dict[str, Path]:
 
 def run(args: argparse.Namespace) -> dict[str, Path]:
     """The explorer page with --html, else the figures; the files written."""
-    return write_explorer(args) if args.html else make_figures(args)
+    return write_explorer(args) if args.html is not None else make_figures(args)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
