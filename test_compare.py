@@ -364,7 +364,7 @@ def test_rerun_skips_finished_rows_and_reuses_the_baseline(data_dir, tmp_path, m
     calls = []
     real_train = tc.train
     monkeypatch.setattr(tc, "train", lambda cfg, resume=None, data=None, ref_img_s=None:
-                        calls.append(cfg) or real_train(cfg, resume, data))
+                        calls.append(cfg) or real_train(cfg, resume, data, ref_img_s))
     compare(tmp_path, data_dir, "--study", "one", "other", "--epochs", "1")
     assert len(calls) == 1 and calls[0].lr == 3e-4  # only the new run trained
     assert "same run as one/'base', reused" in capsys.readouterr().out
@@ -381,9 +381,9 @@ def test_an_interrupted_study_keeps_its_rows_and_resumes(data_dir, tmp_path, mon
 
     def interrupted_after_one_epoch(cfg, resume=None, data=None, ref_img_s=None):
         if cfg.seed == 1:  # Ctrl-C in the second run, after its first epoch
-            real_train(cfg.replace(stop_at_epoch=1), resume, data)
+            real_train(cfg.replace(stop_at_epoch=1), resume, data, ref_img_s)
             raise SystemExit(130)
-        return real_train(cfg, resume, data)
+        return real_train(cfg, resume, data, ref_img_s)
 
     monkeypatch.setattr(tc, "train", interrupted_after_one_epoch)
     with pytest.raises(SystemExit) as e:

@@ -138,10 +138,6 @@ def test_fresh_clone_offline_draws_every_figure(tmp_path, batches_dir, fast):
             "attention_heads.png"} == pngs
     # the guide's own figures are untouched: the quick start writes to the untracked outputs/
     assert {p.name: p.read_bytes() for p in (clone / "figures").glob("*.png")} == committed
-    train = subprocess.run([sys.executable, "train_cifar10.py", "--preset", "cpu", "--no-download"],
-                           cwd=clone, env=env, capture_output=True, text=True, timeout=300)
-    assert train.returncode == 2 and "no CIFAR-10 found" in train.stderr
-    assert "visualize_attention.py` needs no data" in train.stderr
     # the rest of the quick start (training on a small stand-in for CIFAR-10) leaves `git status`
     # clean: every output goes to an ignored folder
     # check_exercise.py ends with 1 on the unsolved exercise (make_figures.py needs CIFAR-10 and
