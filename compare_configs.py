@@ -244,11 +244,14 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
 # Configs, rows and the results file of a study
 # --------------------------------------------------------------------------------------------
 
+SOURCE_ARCH = ("embed_dim", "depth", "mlp_ratio")  # a fine-tuned run's, taken from its source
+
+
 def run_config(run: Run, budget: dict[str, Any], base: dict[str, Any]) -> TrainConfig:
     """The full training config of a run: defaults < BASE (with --set) < the run's change <
     budget."""
     if run.changes.get("init"):  # fine-tuned: the architecture is the source run's
-        base = {k: v for k, v in base.items() if k not in ("embed_dim", "depth", "mlp_ratio")}
+        base = {k: v for k, v in base.items() if k not in SOURCE_ARCH}
     cfg = TrainConfig(**{**base, **run.changes, "seed": run.seed, **budget})
     validate(cfg)
     return cfg
@@ -285,9 +288,10 @@ ROW_TYPES = {"study": str, "label": str, "seed": int, "baseline": bool, "line": 
              "key": str, "config": dict, "val_acc": NUMBER, "test_acc": NUMBER, "epochs": int,
              "minutes": NUMBER, "images_per_sec": NUMBER, "params": int, "mflops": NUMBER,
              "machine": dict, "started": str, "phases": dict, "val_images": int,
-             "val_correct": str, "train_images": int, "images_seen": int}
+             "val_correct": str, "train_images": int, "images_seen": int, "run_dir": str}
 MACHINE_TYPES = {"cpu": str, "ref_img_s": NUMBER}
-CONFIG_TYPES = {"time_budget": NUMBER, "epochs": int}
+CONFIG_TYPES = {"time_budget": NUMBER, "epochs": int, "classes": str, "val_split": int,
+                "warmup_frac": NUMBER, "full_token_frac": NUMBER}
 PHASE_TYPES = {"train_s": NUMBER, "eval_s": NUMBER, "save_other_s": NUMBER, "wall_s": NUMBER,
                "drop_img_s": NUMBER, "full_img_s": NUMBER, "full_token_share": NUMBER}
 
@@ -400,18 +404,26 @@ def median_ref(rows: list[dict[str, Any]]) -> float:
 
 
 def base_settings(config: dict[str, Any], study: Study) -> dict[str, Any]:
-    """The settings a study's rows share: all but what its runs vary, the seed, the budget and
-    where files go."""
-    varied = {k for run in study.runs for k in run.changes} | {"seed", "epochs", "time_budget"}
-    return {k: v for k, v in config.items() if k not in varied and k not in PLACE}
+    """The settings a study's rows share: all but what its runs compare (varied_settings), the
+    seed, the budget, where files go, and what a run sets whatever the baseline: a CNN's ViT-only
+    settings (as_cnn()) and a fine-tuned run's architecture (its source's). (A ViT-only --set,
+    which the CNN runs undo, still differs between ViT rows: not one baseline.)"""
+    fixed = set(varied_settings(study)) | {"seed", "epochs", "time_budget"} | set(PLACE)
+    if config.get("model") == as_cnn()["model"]:
+        fixed |= set(as_cnn())
+    if config.get("init"):
+        fixed |= set(SOURCE_ARCH)
+    return {k: v for k, v in config.items() if k not in fixed}
 
 
 def check_base(rows: list[dict[str, Any]], config: dict[str, Any], study: Study,
                where: str) -> None:
     """One table, one baseline: refuse a run whose shared settings (a --set) differ from the
-    rows' already there (settings a row does not record, from older code, are not compared)."""
+    rows' already there (settings a row does not record, from older code, are not compared, but
+    for NEWER_SETTINGS, which such a row was trained at: their defaults)."""
     for r in rows:
-        theirs, ours = base_settings(r["config"], study), base_settings(config, study)
+        theirs = base_settings({**NEWER_SETTINGS, **r["config"]}, study)
+        ours = base_settings(config, study)
         diff = sorted(k for k in theirs.keys() & ours.keys() if theirs[k] != ours[k])
         if diff:
             raise ValueError(
@@ -566,6 +578,8 @@ def run_studies(args: argparse.Namespace) -> None:
         check_not_folders([plot_path(Path(args.fig_dir), name)
                            for name in (res.name, f"{s.name}_views")], "--fig-dir")
         check_budget(res.rows, budget, str(res.path))
+        for i, _ in enumerate(s.runs):  # a --set other than the rows' fails now, not after a run
+            check_base(res.rows, dataclasses.asdict(configs[s.name, i]), s, str(res.path))
     for path in sorted(out.glob("*.json")):  # the other studies' rows, reused below
         read_rows(path)
     todo = interleaved([(s, res, i) for s, res in plans for i, _ in enumerate(s.runs)

@@ -551,6 +551,8 @@ def _without(key: str, inner: str = "") -> str:
     '{"study": "two", "rows": [3]}', _without("key"), _without("machine"),
     _without("ref_img_s", "machine"), _without("val_acc"), _without("time_budget", "config"),
     json.dumps({"study": "two", "rows": [{**a_row("base"), "val_acc": "high"}]}),
+    # what the table and a fine-tuning read (these crashed after a run had trained)
+    _without("classes", "config"), _without("warmup_frac", "config"), _without("run_dir"),
 ])
 @pytest.mark.parametrize("whose", ["two", "other"])
 def test_a_broken_results_file_is_refused_before_training_and_left_as_it_is(
@@ -740,3 +742,59 @@ def test_a_run_of_another_baseline_is_refused_in_one_table(tmp_path):
     res.add(fake_row("patch", p8, cc.run_config(p8, BUDGET, cc.BASE), machine))  # its own change
     assert [r["label"] for r in cc.Results(tmp_path, "patch").rows] == [patch.runs[0].label,
                                                                          p8.label]
+
+
+def test_a_row_from_before_a_newer_setting_is_of_another_baseline_than_one_with_it_on(tmp_path):
+    """A row recorded before --mimetic-init existed (its config lacks it) was trained without it:
+    a run with --set mimetic_init=true must not join its table (the settings a row lacks were
+    not compared, so both sat in one table under the same labels)."""
+    patch = cc.STUDIES["patch"]
+    machine = {"cpu": "test CPU", "ref_img_s": 400.0, "torch": "2"}
+    old = fake_row("patch", patch.runs[0], cc.run_config(patch.runs[0], BUDGET, cc.BASE), machine)
+    del old["config"]["mimetic_init"]
+    res = cc.Results(tmp_path, "patch")
+    res.add(old)
+    mimetic = cc.run_config(patch.runs[1], BUDGET, {**cc.BASE, "mimetic_init": True})
+    with pytest.raises(ValueError, match=r"mimetic_init \(False there, True here\)"):
+        res.add(fake_row("patch", patch.runs[1], mimetic, machine))
+    res.add(fake_row("patch", patch.runs[1], cc.run_config(patch.runs[1], BUDGET, cc.BASE),
+                     machine))  # without it: the same baseline as the old row's
+    assert len(cc.Results(tmp_path, "patch").rows) == 2
+
+
+def test_a_set_of_another_baseline_than_the_rows_fails_before_the_first_run(
+        data_dir, tmp_path, monkeypatch, fake_training, capsys):
+    """Before: res/two_epochs.json holds the baseline's rows. A rerun with another --set (and a
+    run still to do) used to train that run first and be refused only when adding its row.
+    After: one line `error:`, nothing trained, the file as it was."""
+    tiny_study(monkeypatch, "two", cc.baseline("base"))
+    compare(tmp_path, data_dir, "--study", "two", "--epochs", "1")
+    tiny_study(monkeypatch, "two", [*cc.baseline("base"), cc.Run("lower lr", {"lr": 3e-4})])
+    path = tmp_path / "res" / "two_epochs.json"
+    before, trained = path.read_bytes(), list(fake_training)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cc.main(["--study", "two", "--epochs", "1", "--data-dir", str(data_dir), "--out",
+                 str(tmp_path / "res"), "--fig-dir", str(tmp_path / "fig"), "--checkpoint-dir",
+                 str(tmp_path / "ck"), "--set", *SMALL, "weight_decay=0.01"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "one table, one baseline" in err and "weight_decay" in err
+    assert fake_training == trained and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("setting", [{}, {"embed_dim": 64}, {"weight_decay": 0.01}])
+def test_the_runs_of_one_study_share_one_baseline_and_a_vit_only_set_is_another(setting):
+    """Every run of a study (the CNN's, which undo ViT-only settings, and the fine-tuned, with
+    their source's architecture, included) passes check_base beside the others under one --set;
+    a ViT row with `--set embed_dim=64` is refused beside the plain baseline's (it passed: the
+    CNN runs' reset of embed_dim counted as something the data study varies)."""
+    for study in cc.STUDIES.values():
+        configs = [dataclasses.asdict(cc.run_config(r, BUDGET, {**cc.BASE, **setting}))
+                   for r in study.runs]
+        for config in configs:
+            cc.check_base([{"config": c} for c in configs], config, study, study.name)
+    data = cc.STUDIES["data"]
+    plain = dataclasses.asdict(cc.run_config(data.runs[0], BUDGET, cc.BASE))
+    wide = dataclasses.asdict(cc.run_config(data.runs[3], BUDGET, {**cc.BASE, "embed_dim": 64}))
+    with pytest.raises(ValueError, match=r"embed_dim \(None there, 64 here\)"):
+        cc.check_base([{"config": plain}], wide, data, "data.json")
