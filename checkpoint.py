@@ -85,6 +85,21 @@ def run_checkpoint(config: dict[str, Any], model_config: dict[str, Any],
 # Writing and reading
 # --------------------------------------------------------------------------------------------
 
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write data to a temporary file of this process beside `path` (concurrent writers never
+    share it), flush it to disk, then rename: readers see the old file or the new one, never
+    half; a failed write removes the temporary file and leaves `path` as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint,
     and a failed write (a full disk) removes its temporary file and leaves `path` as it was."""

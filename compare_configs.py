@@ -55,7 +55,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -74,7 +73,12 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import train_cifar10 as tc  # noqa: E402
-from checkpoint import input_normalization, load_checkpoint, model_from_checkpoint  # noqa: E402
+from checkpoint import (  # noqa: E402
+    atomic_write,
+    input_normalization,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from config import (  # noqa: E402
     PLACE,
     PRESETS,
@@ -259,7 +263,8 @@ def run_config(run: Run, budget: dict[str, Any], base: dict[str, Any]) -> TrainC
 
 # Settings added after rows were recorded: at these values (their defaults) they stay out of a
 # run's key, so that rows recorded before the setting existed still match and are reused.
-NEWER_SETTINGS = {"mimetic_init": False}
+NEWER_SETTINGS = {name: TrainConfig.__dataclass_fields__[name].default
+                  for name in ("mimetic_init",)}
 
 
 def run_key(cfg: TrainConfig) -> str:
@@ -340,7 +345,6 @@ class Results:
         self.name = name  # the study's, with "_epochs" for its equal-epochs view
         self.path = out / f"{name}.json"
         self.lock_path = out / f".{name}.json.lock"
-        self.tmp_path = out / f"{name}.json.tmp"  # written whole, then renamed to self.path
         self.table_path = out / f"{name}.md"
         self.rows = read_rows(self.path)
 
@@ -365,9 +369,8 @@ class Results:
                           if reused and self.rows else row["machine"], str(self.path))
             if not any(r["key"] == row["key"] and r["label"] == row["label"] for r in self.rows):
                 self.rows.append(row)  # (unless another process just added the same run)
-            self.tmp_path.write_text(
-                json.dumps({"study": self.name, "rows": self.rows}, indent=1) + "\n")
-            os.replace(self.tmp_path, self.path)  # readers see the old file or the new, never half
+            atomic_write(self.path, (json.dumps({"study": self.name, "rows": self.rows}, indent=1)
+                                     + "\n").encode())  # readers see the old file or the new
 
 
 def results_name(study: str, budget: dict[str, Any]) -> str:
@@ -574,7 +577,7 @@ def run_studies(args: argparse.Namespace) -> None:
         check_folder(Path(folder), option)
     plans = [(STUDIES[name], Results(out, results_name(name, budget))) for name in args.study]
     for s, res in plans:
-        check_not_folders([res.path, res.lock_path, res.tmp_path, res.table_path], "--out")
+        check_not_folders([res.path, res.lock_path, res.table_path], "--out")
         check_not_folders([plot_path(Path(args.fig_dir), name)
                            for name in (res.name, f"{s.name}_views")], "--fig-dir")
         check_budget(res.rows, budget, str(res.path))
@@ -769,14 +772,16 @@ def plot(study: Study, res: Results, path: Path) -> None:
         # one point per x: the mean over seeds, error bar: the seeds' standard deviation, or one
         # run's noise; with two lines, each value on the side away from the other line (more
         # lines would overlap: the table has the values)
-        lines = list(dict.fromkeys(r["line"] for r in rows if r["line"]))
-        means = {(line, x): statistics.mean(r["val_acc"] for r in rows
-                                            if r["line"] == line and r["x"] == x)
-                 for line in lines for x in {r["x"] for r in rows if r["line"] == line}}
+        accs: dict[tuple[str, float], list[float]] = {}  # (line, x): the seeds' accuracies
+        for r in rows:
+            if r["line"]:
+                accs.setdefault((r["line"], r["x"]), []).append(r["val_acc"])
+        means = {k: statistics.mean(a) for k, a in accs.items()}
+        lines = list(dict.fromkeys(line for line, _ in accs))
         for line in lines:
-            xs = sorted(x for ln, x in means if ln == line)
-            accs = [[r["val_acc"] for r in rows if r["line"] == line and r["x"] == x] for x in xs]
-            err = [statistics.stdev(a) if len(a) > 1 else nz["run"] for a in accs]
+            xs = sorted(x for ln, x in accs if ln == line)
+            err = [statistics.stdev(a) if len(a) > 1 else nz["run"]
+                   for a in (accs[line, x] for x in xs)]
             ys = [means[line, x] for x in xs]
             ax.errorbar([100 * x for x in xs], ys, yerr=err, fmt="o-", capsize=4, label=line)
             for x, m in zip(xs, ys, strict=True) if len(lines) <= 2 else ():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from checkpoint import atomic_write
 from vit_model import vit_cifar
 
 # --------------------------------------------------------------------------------------------
@@ -123,12 +123,7 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         old = path.read_bytes() if path.is_file() else HEADER.encode()
         if not old.endswith(b"\n"):
             old += b"\r\n"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(old + line.getvalue().encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, old + line.getvalue().encode())
 
 
 def read_log(path: Path) -> list[dict[str, str]]:

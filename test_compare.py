@@ -627,15 +627,15 @@ def test_a_vit_only_setting_stays_allowed_in_set_for_the_data_study(data_dir, tm
     assert got == {("vit_cifar_tiny", 64), ("resnet_cifar", TrainConfig().embed_dim)}
 
 
-@pytest.mark.parametrize("folder", ["res/two_epochs.json", "res/two_epochs.json.tmp",
-                                    "res/.two_epochs.json.lock", "res/two_epochs.md",
-                                    "fig/study_two_epochs.png"])
+@pytest.mark.parametrize("folder", ["res/two_epochs.json", "res/.two_epochs.json.lock",
+                                    "res/two_epochs.md", "fig/study_two_epochs.png"])
 def test_a_folder_where_an_output_file_goes_fails_before_the_first_run(
         data_dir, tmp_path, monkeypatch, fake_training, capsys, folder):
-    """Before: FOLDER (where the study writes its rows, their temporary or lock file, its table
-    or its plot) is an empty folder. After: one line `error:` naming it, nothing trained, no
-    results file written, FOLDER still an empty folder (it failed after the first run, or after
-    all of them, leaving res/two.json.tmp)."""
+    """Before: FOLDER (where the study writes its rows, their lock file, its table or its plot)
+    is an empty folder. After: one line `error:` naming it, nothing trained, no results file
+    written, FOLDER still an empty folder (not failing after the first run, or after all of
+    them). The rows' temporary file is named by the writing process, so no folder can stand in
+    its way."""
     tiny_study(monkeypatch, "two", cc.baseline("base"))
     (tmp_path / folder).mkdir(parents=True)
     with pytest.raises(SystemExit) as e:

@@ -26,7 +26,6 @@ import base64
 import io
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from checkpoint import (
+    atomic_write,
     check_writable,
     find_latest_checkpoint,
     input_normalization,
@@ -489,9 +489,9 @@ def explorer_data(look: Look, n: int, head_fusion: str = "mean") -> dict[str, An
     model, cfg = look.src.model, look.src.model.config
     # NaN would make the page's JSON unreadable (an empty page) and its weights garbage integers
     layers = [l + 1 for l, a in enumerate(look.attentions) if not torch.isfinite(a).all()]
-    broken = [f"the attention of layer(s) {', '.join(map(str, layers))}"] * bool(layers)
-    broken += ["the class probabilities"] * (not all(math.isfinite(p) for top in look.tops
-                                                     for _, p in top))
+    broken = [f"the attention of layer(s) {', '.join(map(str, layers))}"] if layers else []
+    if not all(math.isfinite(p) for top in look.tops for _, p in top):
+        broken.append("the class probabilities")
     if broken:
         raise ValueError(f"{look.src.name} gives NaN or infinite values in {', '.join(broken)}: "
                          f"its weights are broken (a diverged run?); no page was written")
@@ -574,12 +574,7 @@ def write_explorer(args: argparse.Namespace) -> dict[str, Path]:
         raise ValueError(f"--html: the page of {n} image(s) would be {len(page) / 2**20:.0f} MB, "
                          f"more than a browser reads ({EXPLORER_MAX_CHARS / 2**20:.0f} MB); "
                          f"nothing was written: use a smaller --show")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # its own: runs at once never mix
-    try:  # written whole, then renamed: an interrupted run leaves the earlier page as it was
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, page.encode("utf-8"))  # an interrupted run leaves the earlier page as it was
     print(f"explorer page of {n} image(s), mean attention distance over {len(look.imgs.x)}: "
           f"{path} ({len(page.encode()) / 2**20:.1f} MB; open it in a web browser, no server or "
           f"network needed)")
