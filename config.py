@@ -123,6 +123,9 @@ class TrainConfig:
     mixup: float = _f(0.0, "mixup alpha (0 disables)")
     cutmix: float = _f(0.0, "cutmix alpha (0 disables)")
     mix_prob: float = _f(1.0, "probability that a sample is mixed, when mixup or cutmix is on")
+    mix_off_frac: float = _f(0.0, "train the last fraction of the run (of the time with "
+                             "--time-budget, of the steps otherwise) without mixup and cutmix, "
+                             "on the real images (0: mix to the end)")
     erase_prob: float = _f(0.0, "random erasing probability per sample")
     label_smoothing: float = _f(0.1, "label smoothing")
     # data, evaluation, output
@@ -287,7 +290,8 @@ def validate(cfg: TrainConfig) -> None:
         ("randaug_m", lambda v: 0 <= v <= 30, "in [0, 30]"),
         ("train_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
         *((n, lambda v: 0 <= v < 1, "in [0, 1) (0: off)") for n in ("warmup_frac",
-                                                                     "full_token_frac")),
+                                                                     "full_token_frac",
+                                                                     "mix_off_frac")),
     ]
     for name, ok, rule in rules:
         value = getattr(cfg, name)

@@ -623,6 +623,7 @@ class Augment:
     mixup: float = 0.0
     cutmix: float = 0.0
     mix_prob: float = 1.0
+    mixing: bool = True  # off: no mixup / cutmix (the training loop's --mix-off-frac phase)
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x = random_crop_flip(x, self.crop_pad, self.flip)
@@ -633,7 +634,7 @@ class Augment:
             x = random_erasing(x, self.erase_prob)
         target = torch.nn.functional.one_hot(y, self.num_classes).float()
         target = target * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes
-        if self.mixup > 0 or self.cutmix > 0:
+        if self.mixing and (self.mixup > 0 or self.cutmix > 0):
             x, target = mixup_cutmix(x, target, self.mixup, self.cutmix, self.mix_prob)
         return x, target
 

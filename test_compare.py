@@ -177,14 +177,17 @@ def test_every_study_builds_valid_configs_that_change_one_thing():
 
 
 def test_a_setting_added_later_keeps_the_keys_of_rows_recorded_before_it():
-    """A row recorded before --mimetic-init existed (its config lacks the setting) keeps its key,
-    so a resumed study reuses it; the setting switched on is a different run."""
+    """A row recorded before --mimetic-init and --mix-off-frac existed (its config lacks them)
+    keeps its key, so a resumed study reuses it; either setting switched on is a different
+    run."""
+    assert set(cc.NEWER_SETTINGS) == {"mimetic_init", "mix_off_frac"}
     cfg = cc.run_config(cc.STUDIES["data"].runs[0], BUDGET, cc.BASE)
     old = {k: v for k, v in dataclasses.asdict(cfg).items()
-           if k not in cc.PLACE and k != "mimetic_init"}  # the config as recorded then
+           if k not in cc.PLACE and k not in cc.NEWER_SETTINGS}  # the config as recorded then
     old_key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
     assert cc.run_key(cfg) == old_key
     assert cc.run_key(dataclasses.replace(cfg, mimetic_init=True)) != old_key
+    assert cc.run_key(dataclasses.replace(cfg, mix_off_frac=0.2)) != old_key
 
 
 def test_patch_study_counts_flops_of_the_token_count():

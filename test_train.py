@@ -170,6 +170,21 @@ def test_warmup_and_full_token_phase_are_the_same_share_of_every_run(clock):
     assert [s.full_tokens_at(st) for st in (399, 400)] == [False, True]  # 80% of 500 steps
 
 
+def test_mixing_stops_for_the_last_share_of_the_run():
+    """--mix-off-frac 0.2: mixup / cutmix stop at 80% of the steps, or of the time."""
+    s = tc.Schedule(budget_config(epochs=10, mix_off_frac=0.2), 50)
+    assert [s.mixes_at(st) for st in (0, 399, 400, 499)] == [True, True, False, False]
+    clock = FakeClock()
+    s = tc.Schedule(budget_config(time_budget=5.0, mix_off_frac=0.2), 50, clock=clock)
+    assert s.reads_every_step
+    mixes = []
+    for t in (0.0, 239.0, 241.0, 299.0):
+        clock.t = 1000.0 + t
+        s.read(0)
+        mixes.append(s.mixes_at(0))
+    assert mixes == [True, True, False, False]
+
+
 def test_a_re_planned_resume_keeps_the_warmup_it_has_done():
     """Resuming with a longer plan (--epochs 10 -> 30, --time-budget 10 -> 30) does not move a
     run that has finished its warmup (a share of the old plan) back into a longer one."""
@@ -546,6 +561,23 @@ def test_resume_with_more_epochs_replans_the_learning_rate(tiny, tmp_path, monke
     assert extended[10:] == planned[10:]  # from the resume on: the schedule of a 3-epoch run
     assert extended[10] > 0.5 * 1e-3  # not stuck at the old plan's end (min_lr)
     assert load(tmp_path / "extended" / "last.pt")["epoch"] == 3
+
+
+@slow
+def test_mix_off_phase_trains_the_last_steps_on_real_images(tiny, monkeypatch):
+    """Every batch before 75% of the 40 steps is mixed (some target row has two classes), none
+    after: the batch of step k is drawn after step k-1 decided."""
+    mixed: list[bool] = []
+    original = tc.Learner.step
+
+    def recording_step(self, x, target, lr):
+        mixed.append(bool(((target > target.min(1, keepdim=True).values + 1e-6).sum(1) > 1)
+                          .any()))
+        return original(self, x, target, lr)
+
+    monkeypatch.setattr(tc.Learner, "step", recording_step)
+    tc.train(tiny(epochs=4, mixup=0.8, cutmix=1.0, mix_off_frac=0.25, run_name="mix"))
+    assert mixed == [True] * 30 + [False] * 10
 
 
 @slow

@@ -185,7 +185,7 @@ class Schedule:
         """By time, shares of the run (or the training clock) read the clock before every step."""
         cfg = self.cfg
         return bool(self.budget_s and (cfg.warmup_frac or cfg.full_token_frac
-                                       or cfg.clock == "train"))
+                                       or cfg.mix_off_frac or cfg.clock == "train"))
 
     def progress(self, step: int) -> float:
         """Fraction of the decay done at this step (0 during the warmup)."""
@@ -211,6 +211,10 @@ class Schedule:
     def full_tokens_at(self, step: int) -> bool:
         """--full-token-frac: whether this step trains without patch dropout."""
         return self.fraction(step) >= 1 - self.cfg.full_token_frac
+
+    def mixes_at(self, step: int) -> bool:
+        """--mix-off-frac: whether this step's batch may be mixed (mixup / cutmix)."""
+        return self.fraction(step) < 1 - self.cfg.mix_off_frac
 
     def full_tokens(self, epoch: int, step: int, history: list[dict[str, Any]]) -> bool:
         """--full-token-epochs: whether this epoch (0-based) trains without patch dropout; by
@@ -374,6 +378,9 @@ def train_epoch(learner: Learner, batches: TrainBatches, schedule: Schedule, epo
     left = (schedule.budget_s - schedule.elapsed_s) / 60
     desc = (f"epoch {epoch + 1} ({left:.1f} min left)" if schedule.budget_s
             else f"epoch {epoch + 1}/{cfg.epochs}")
+    mix_off = cfg.mix_off_frac and (cfg.mixup or cfg.cutmix)
+    if mix_off:  # the next batch drawn (the generator augments it when asked) is this step's
+        batches.augment.mixing = schedule.mixes_at(step)
     bar = tqdm(batches.epoch(epoch), total=len(batches), desc=desc, disable=not show, leave=False,
                mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     for i, (x, target) in enumerate(bar):
@@ -388,6 +395,8 @@ def train_epoch(learner: Learner, batches: TrainBatches, schedule: Schedule, epo
         dropping = getattr(model, "patch_drop_rate", 0.0) > 0
         loss, logits = learner.step(x, target, schedule.lr(step))
         step += 1
+        if mix_off:
+            batches.augment.mixing = schedule.mixes_at(step)
         loss_sum += loss
         correct += (logits.argmax(1) == target.argmax(1)).sum()
         t_last, t_ready = t_ready, time.perf_counter()
