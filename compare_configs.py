@@ -537,6 +537,12 @@ def phases(hist: list[dict[str, Any]]) -> dict[str, float]:
                                       / max(total["drop_time"] + total["full_time"], 1e-9), 3)}
 
 
+# Each epoch's record kept in a row (the curves of the guide's figures): training minutes,
+# accuracy on the augmented batches, on the evaluation images (a subset between epochs:
+# eval_images), and on training images as they are (--eval-train).
+CURVE = ("elapsed_min", "train_loss", "train_acc", "eval_acc", "eval_images", "train_eval_acc")
+
+
 def make_row(study: str, run: Run, cfg: TrainConfig, run_dir: Path, data: ImageData,
              machine: dict[str, Any], started: str) -> dict[str, Any]:
     ckpt = load_checkpoint(run_dir / "last.pt")
@@ -563,6 +569,7 @@ def make_row(study: str, run: Run, cfg: TrainConfig, run_dir: Path, data: ImageD
         "val_correct": np.packbits(correct).tobytes().hex(), "phases": spent,
         "params": params, "mflops": round(mflops, 1), "machine": machine,
         "started": started, "finished": now(), "date": started[:10], "run_dir": str(run_dir),
+        "curve": [{k: round(h[k], 4) for k in CURVE if k in h} for h in hist],
     }
 
 

@@ -33,8 +33,9 @@ VIT_ONLY = ("patch_drop", "full_token_epochs", "full_token_frac", "res_schedule"
             "dropout", "embed_dim", "depth", "num_heads", "mlp_ratio", "mimetic_init")
 # Settings that say where things go or what is recorded, not what is trained: not part of a
 # run's identity.
+# Settings that do not change what is trained: where things go, how it is run and logged.
 PLACE = ("data_dir", "download", "out_dir", "run_name", "overwrite", "wandb", "wandb_project",
-         "device", "threads", "log_csv", "measure_speed")
+         "device", "threads", "log_csv", "measure_speed", "eval_train")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -143,6 +144,9 @@ class TrainConfig:
     eval_subset: int = _f(0, "evaluate on N evenly spaced evaluation images between epochs and on "
                           "all of them after the last epoch; only full evaluations choose best.pt "
                           "(0: all)")
+    eval_train: int = _f(0, "at each evaluation, also evaluate N evenly spaced training images "
+                         "as they are (no augmentation, no patch dropout): the train/evaluation "
+                         "gap along the run, recorded as train_eval_acc (0: off)")
     eval_batch_size: int = _f(1000, "evaluation batch size")
     tta_flip: bool = _f(False, "average the logits of each image and its mirror image in the full "
                         "evaluations (those that choose best.pt, and --eval-only), not in the "
@@ -275,7 +279,7 @@ def validate(cfg: TrainConfig) -> None:
         *((n, lambda v: v >= 0, "0 or more") for n in (
             "warmup_epochs", "weight_decay", "clip_grad", "crop_pad", "randaug_n", "mixup",
             "cutmix", "val_split", "eval_subset", "full_token_epochs", "threads", "stop_at_epoch",
-            "min_lr", "muon_lr")),
+            "min_lr", "muon_lr", "eval_train")),
         ("muon_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
         ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
         ("img_size", lambda v: v >= 0, "0 (the model's) or a size in pixels"),

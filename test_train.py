@@ -581,6 +581,22 @@ def test_mix_off_phase_trains_the_last_steps_on_real_images(tiny, monkeypatch):
 
 
 @slow
+def test_eval_train_follows_the_training_images_as_they_are(tiny, tmp_path):
+    """--eval-train 120: each epoch's train_eval_acc is the saved model's accuracy on 120 evenly
+    spaced training images without augmentation; it changes nothing that is trained."""
+    hist = tc.train(tiny(epochs=2, eval_train=120, run_name="gap"))["history"]
+    plain = tc.train(tiny(epochs=2, run_name="plain"))["history"]
+    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in plain]
+    ckpt = load_checkpoint(tmp_path / "gap" / "last.pt")
+    data = load_dataset(tiny().data_dir)
+    idx = torch.arange(120) * len(data.train_x) // 120
+    acc = tc.evaluate(model_from_checkpoint(ckpt), data.train_x[idx], data.train_y[idx],
+                      *input_normalization(ckpt), 100)["acc"]
+    assert [("train_eval_acc" in h) for h in hist + plain] == [True, True, False, False]
+    assert hist[-1]["train_eval_acc"] == pytest.approx(acc)
+
+
+@slow
 def test_progressive_resolution_trains_small_images_first(tiny, tmp_path):
     hist = tc.train(tiny(epochs=4, warmup_epochs=0, res_schedule="16:0.5", run_name="pr"))
     sizes = [h.get("downscaled", 32) for h in hist["history"]]

@@ -502,6 +502,8 @@ def log_epoch(rec: dict[str, Any], evals: EvalSet, schedule: Schedule, wb: SafeW
     if "eval_acc" in rec:
         line += f"{evals.name} {100 * rec['eval_acc']:.2f}% (loss {rec['eval_loss']:.4f}"
         line += f", {rec['eval_images']} images)  " if rec["eval_images"] < evals.size else ")  "
+    if "train_eval_acc" in rec:
+        line += f"train images as they are {100 * rec['train_eval_acc']:.2f}%  "
     tqdm.write(line + f"lr {rec['lr']:.2e}  {rec['images_per_sec']:.0f} img/s  data "
                f"{100 * rec['data_time_frac']:.1f}%  {rec['epoch_time']:.0f}s  "
                f"[{rec['elapsed_min']:.1f} min]")
@@ -591,6 +593,12 @@ def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, 
     mean, std = input_normalization(ckpt) if ckpt else (data.mean, data.std)  # travel with weights
     train_x, train_y, evals = split_data(data, cfg.val_split, cfg.train_fraction,
                                          cfg.eval_subset, device, rank, world)
+    if cfg.eval_train and not cfg.eval_train <= len(train_x):
+        raise ValueError(f"--eval-train must be at most the {len(train_x)} training images, got "
+                         f"{cfg.eval_train}")
+    sub = torch.arange(cfg.eval_train, device=train_x.device) * len(train_x) // max(
+        cfg.eval_train, 1)  # evenly spaced, this process's share of them
+    train_sub_x, train_sub_y = train_x[sub][rank::world], train_y[sub][rank::world]
     augment = Augment(len(data.classes), mean, std, cfg.crop_pad, cfg.flip, cfg.randaug_n,
                       cfg.randaug_m, cfg.erase_prob, cfg.label_smoothing, cfg.mixup, cfg.cutmix,
                       cfg.mix_prob)
@@ -644,6 +652,10 @@ def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, 
                                    cfg.eval_batch_size, learner.amp_ctx, cfg.tta_flip and not sub)
                     rec.update(eval_loss=res["loss"], eval_acc=res["acc"],
                                eval_images=evals.subset if sub else evals.size)
+                    if cfg.eval_train:  # the same weights on training images, un-augmented
+                        rec["train_eval_acc"] = evaluate(
+                            eval_model, train_sub_x, train_sub_y, mean, std, cfg.eval_batch_size,
+                            learner.amp_ctx)["acc"]
             rec["eval_time"] = took["seconds"]
             rec["elapsed_min"] = schedule.read(run.step) / 60
             rec["wall_min"] = schedule.wall_s / 60
