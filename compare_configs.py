@@ -80,6 +80,7 @@ from checkpoint import (  # noqa: E402
     model_from_checkpoint,
 )
 from config import (  # noqa: E402
+    MEASURE_ONLY,
     PLACE,
     PRESETS,
     TrainConfig,
@@ -285,13 +286,22 @@ def run_config(run: Run, budget: dict[str, Any], base: dict[str, Any]) -> TrainC
 # Settings added after rows were recorded: at these values (their defaults) they stay out of a
 # run's key, so that rows recorded before the setting existed still match and are reused.
 NEWER_SETTINGS = {name: TrainConfig.__dataclass_fields__[name].default
-                  for name in ("mimetic_init", "mix_off_frac")}
+                  for name in ("mimetic_init", "mix_off_frac", "eval_train")}
+
+
+def not_trained(config: dict[str, Any]) -> set[str]:
+    """The settings of a config that do not change what it trains: where files go, and the
+    measurements whose time does not count against the budget."""
+    measures_free = config.get("clock") == "train" or not config.get("time_budget")
+    return set(PLACE) | (set(MEASURE_ONLY) if measures_free else set())
 
 
 def run_key(cfg: TrainConfig) -> str:
     """A run's identity: everything that changes what is trained (not where files go)."""
-    what = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in PLACE and not (k in NEWER_SETTINGS and v == NEWER_SETTINGS[k])}
+    config = dataclasses.asdict(cfg)
+    skip = not_trained(config)
+    what = {k: v for k, v in config.items()
+            if k not in skip and not (k in NEWER_SETTINGS and v == NEWER_SETTINGS[k])}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -432,7 +442,7 @@ def base_settings(config: dict[str, Any], study: Study) -> dict[str, Any]:
     seed, the budget, where files go, and what a run sets whatever the baseline: a CNN's ViT-only
     settings (as_cnn()) and a fine-tuned run's architecture (its source's). (A ViT-only --set,
     which the CNN runs undo, still differs between ViT rows: not one baseline.)"""
-    fixed = set(varied_settings(study)) | {"seed", "epochs", "time_budget"} | set(PLACE)
+    fixed = set(varied_settings(study)) | {"seed", "epochs", "time_budget"} | not_trained(config)
     if config.get("model") == as_cnn()["model"]:
         fixed |= set(as_cnn())
     if config.get("init"):
@@ -540,7 +550,8 @@ def phases(hist: list[dict[str, Any]]) -> dict[str, float]:
 # Each epoch's record kept in a row (the curves of the guide's figures): training minutes,
 # accuracy on the augmented batches, on the evaluation images (a subset between epochs:
 # eval_images), and on training images as they are (--eval-train).
-CURVE = ("elapsed_min", "train_loss", "train_acc", "eval_acc", "eval_images", "train_eval_acc")
+CURVE = ("elapsed_min", "train_loss", "train_acc", "eval_acc", "eval_images", "train_eval_acc",
+         "train_eval_images")
 
 
 def make_row(study: str, run: Run, cfg: TrainConfig, run_dir: Path, data: ImageData,
@@ -607,7 +618,8 @@ def run_studies(args: argparse.Namespace) -> None:
     for s, res in plans:
         check_not_folders([res.path, res.lock_path, res.table_path], "--out")
         check_not_folders([plot_path(Path(args.fig_dir), name)
-                           for name in (res.name, f"{s.name}_views")], "--fig-dir")
+                           for name in (res.name, f"{s.name}_views", f"{res.name}_curves")],
+                          "--fig-dir")
         check_budget(res.rows, budget, str(res.path))
         for i, _ in enumerate(s.runs):  # a --set other than the rows' fails now, not after a run
             check_base(res.rows, dataclasses.asdict(configs[s.name, i]), s, str(res.path))
@@ -732,6 +744,7 @@ def table(study: Study, res: Results) -> str:
         delta = r["val_acc"] - nz["mean"]
         pair = None if r["baseline"] else paired_baseline(r, rows)
         real = "基线" if r["baseline"] else ("—" if pair is None else
+                                            "未知" if math.isnan(nz["sigma"]) else
                                             "是" if abs(delta) > 2 * nz["sigma"] else "否")
         diff = "—" if pair is None and not r["baseline"] else f"{delta:+.2f}"
         p = f"{mcnemar(r, pair):.2g}" if pair else "—"
@@ -756,6 +769,16 @@ def table(study: Study, res: Results) -> str:
         f"规则：差值超过 2σ = {2 * nz['sigma']:.2f} 才算真实的差别。"
         "配对检验：与同一种子的基线在同样的验证图像上逐张比较对错"
         "（McNemar 精确检验），只反映验证集的抽样，不含种子间的波动。")
+    if nz["k"] == 0:
+        noise_text = ("基线：尚未运行，这张表还不能与基线比较（“与基线均值之差”一栏为“—”）。")
+    elif nz["k"] < 2:  # the seeds' spread is not measured yet: no rule can decide
+        noise_text = (
+            f"基线：目前只有 {nz['k']} 个种子，验证准确率 {nz['mean']:.2f}%；种子间的波动未测量"
+            f"（至少要两个种子），所以这张表还不能判断哪个差别是真的（“超出 2σ？”一栏为“未知”）。"
+            f"{nz['n']:,} 张验证图像的抽样误差 se = {nz['se']:.2f}：只算它，两次运行之差的噪声是 "
+            f"√2·se = {math.sqrt(2) * nz['se']:.2f} 个百分点，真实的噪声只会更大。"
+            "配对检验：与同一种子的基线在同样的验证图像上逐张比较对错"
+            "（McNemar 精确检验），只反映验证集的抽样，不含种子间的波动。")
     days = [r["started"][:10] for r in rows]
     span = f"{min(refs):.0f}" + (f"-{max(refs):.0f}" if max(refs) > min(refs) else "")
     budget_line = (
@@ -783,18 +806,21 @@ def plot(study: Study, res: Results, path: Path) -> None:
         each += " (training time)"
     if study.plot == "bars":
         names = [f"{r['label']} (seed {r['seed']})" if r["baseline"] else r["label"] for r in rows]
-        ax.barh(range(len(rows)), [r["val_acc"] for r in rows], xerr=nz["run"], capsize=3,
-                color=["0.6" if r["baseline"] else "tab:blue" for r in rows])
-        ax.axvspan(nz["mean"] - 2 * nz["sigma"], nz["mean"] + 2 * nz["sigma"], color="tab:orange",
-                   alpha=0.35)
+        known = not math.isnan(nz["sigma"])  # one baseline seed: the noise is not measured
+        ax.barh(range(len(rows)), [r["val_acc"] for r in rows], xerr=nz["run"] if known else None,
+                capsize=3, color=["0.6" if r["baseline"] else "tab:blue" for r in rows])
+        if known:
+            ax.axvspan(nz["mean"] - 2 * nz["sigma"], nz["mean"] + 2 * nz["sigma"],
+                       color="tab:orange", alpha=0.35)
         ax.set_yticks(range(len(rows)), names)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
-        ax.set_xlabel("validation accuracy (%)\norange band: baseline mean ± 2σ (within it: not a "
-                      "real difference); error bars: one run's noise; grey: baseline seeds",
-                      fontsize=8)
+        ax.set_xlabel("validation accuracy (%)\n" + (
+            "orange band: baseline mean ± 2σ (within it: not a real difference); error bars: "
+            "one run's noise; " if known else "") + "grey: baseline seeds", fontsize=8)
         for i, r in enumerate(rows):
-            ax.text(r["val_acc"] + nz["run"] + 0.8, i, f"{r['val_acc']:.2f}", va="center",
+            ax.text(r["val_acc"] + (nz["run"] if known else 0.0) + 0.8, i, f"{r['val_acc']:.2f}",
+                    va="center",
                     fontsize=8)
     else:
         # one point per x: the mean over seeds, error bar: the seeds' standard deviation, or one
@@ -828,8 +854,11 @@ def plot(study: Study, res: Results, path: Path) -> None:
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"{res.name}: {each}; noise σ = {nz['sigma']:.2f} points "
-                 f"({nz['k']} baseline seeds)", fontsize=10)
+    ax.set_title(f"{res.name}: {each}; " + (
+        f"noise σ = {nz['sigma']:.2f} points ({nz['k']} baseline seeds)"
+        if not math.isnan(nz["sigma"]) else
+        f"{nz['k']} baseline seed: noise not measured yet, no difference can be called real"),
+        fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -874,6 +903,44 @@ def plot_views(study: Study, timed: Results, epochs: Results, path: Path) -> Non
     plt.close(fig)
 
 
+def plot_curves(study: Study, res: Results, path: Path) -> None:
+    """The train/validation gap along each run (rows trained with --eval-train): accuracy on
+    training images as they are and on validation images, against training minutes; and their
+    difference. A gap that grows while validation accuracy stalls is overfitting."""
+    rows = [r for r in ordered_rows(study, res)
+            if any("train_eval_acc" in h for h in r.get("curve", []))]
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for i, r in enumerate(rows):
+        pts = [h for h in r["curve"] if "train_eval_acc" in h and "eval_acc" in h]
+        t = [h["elapsed_min"] for h in pts]
+        train = [100 * h["train_eval_acc"] for h in pts]
+        val = [100 * h["eval_acc"] for h in pts]
+        name = f"{r['label']} (seed {r['seed']})" if r["baseline"] else r["label"]
+        color = f"C{i % 10}"
+        ax.plot(t, train, "-", color=color, label=name)
+        ax.plot(t, val, "--", color=color)
+        gap.plot(t, [a - b for a, b in zip(train, val, strict=True)], "-", color=color,
+                 label=name)
+    counts = sorted({h["train_eval_images"] for r in rows for h in r["curve"]
+                     if "train_eval_images" in h})
+    n = "/".join(f"{c:,}" for c in counts) or "some"
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"solid: {n} training images as they are; dashed: validation images\n"
+                 "(a subset between epochs, all at the end)", fontsize=9)
+    gap.set_xlabel("training minutes")
+    gap.set_ylabel("train minus validation accuracy (points)")
+    gap.set_title("the train/validation gap", fontsize=9)
+    for a in (ax, gap):
+        a.grid(alpha=0.3)
+    gap.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{res.name}: {budget_text(rows[0]['config']) if rows else ''} per run "
+                 "(training time)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def report(study: Study, res: Results, fig_dir: Path) -> None:
     if not res.rows:
         return
@@ -882,6 +949,10 @@ def report(study: Study, res: Results, fig_dir: Path) -> None:
     res.table_path.write_text(text)
     plot(study, res, plot_path(fig_dir, res.name))
     print(f"table {res.table_path}, plot {plot_path(fig_dir, res.name)}")
+    if any("train_eval_acc" in h for r in res.rows for h in r.get("curve", [])):
+        curves = plot_path(fig_dir, f"{res.name}_curves")
+        plot_curves(study, res, curves)
+        print(f"train/validation gap: {curves}")
     timed, epochs = (Results(res.path.parent, n) for n in (study.name, f"{study.name}_epochs"))
     if timed.rows and epochs.rows and study.plot == "bars":
         views = plot_path(fig_dir, f"{study.name}_views")
@@ -900,6 +971,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the studies to run (several allowed)")
     p.add_argument("--list", action="store_true",
                    help="print the studies and their runs, then exit")
+    p.add_argument("--report", action="store_true",
+                   help="only write the tables and plots of the finished rows of the studies "
+                        "(of --budget-min M or --epochs E) in --out; train nothing")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-min", type=float,
                         help="minutes of training per run (equal wall time)")
@@ -950,6 +1024,9 @@ def _main(argv: list[str]) -> None:
                          f"{args.budget_min}")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.report:
+        report_only(args)
+        return
     args.set = parse_settings(args.set)
     for name in args.set:
         if name in STUDY_SETS:
@@ -962,6 +1039,28 @@ def _main(argv: list[str]) -> None:
                     f"{name}={run.changes[name]}); a --set would change its other runs too, "
                     f"the baseline included, and mislabel their rows: leave it out")
     run_studies(args)
+
+
+def report_only(args: argparse.Namespace) -> None:
+    """--report: the tables and plots of the studies' finished rows; every file is checked
+    before anything is written, and nothing is trained."""
+    if args.set:
+        raise ValueError("--report trains nothing: --set has no effect there, leave it out")
+    budget = ({"time_budget": args.budget_min, "epochs": 1000} if args.budget_min
+              else {"time_budget": 0.0, "epochs": args.epochs})
+    check_folder(Path(args.fig_dir), "--fig-dir")
+    plans = []
+    for name in args.study:
+        res = Results(Path(args.out), results_name(name, budget))
+        if not res.rows:
+            raise ValueError(f"{res.path} holds no finished runs: nothing to report")
+        check_budget(res.rows, budget, str(res.path))
+        check_not_folders([res.table_path], "--out")
+        check_not_folders([plot_path(Path(args.fig_dir), n) for n in (
+            res.name, f"{name}_views", f"{res.name}_curves")], "--fig-dir")
+        plans.append((STUDIES[name], res))
+    for study, res in plans:
+        report(study, res, Path(args.fig_dir))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,9 +33,11 @@ VIT_ONLY = ("patch_drop", "full_token_epochs", "full_token_frac", "res_schedule"
             "dropout", "embed_dim", "depth", "num_heads", "mlp_ratio", "mimetic_init")
 # Settings that say where things go or what is recorded, not what is trained: not part of a
 # run's identity.
-# Settings that do not change what is trained: where things go, how it is run and logged.
 PLACE = ("data_dir", "download", "out_dir", "run_name", "overwrite", "wandb", "wandb_project",
-         "device", "threads", "log_csv", "measure_speed", "eval_train")
+         "device", "threads", "log_csv", "measure_speed")
+# Settings that only add measurements: they change what is trained only when their time counts
+# against a time budget (--clock wall).
+MEASURE_ONLY = ("eval_train",)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -306,6 +308,9 @@ def validate(cfg: TrainConfig) -> None:
                          or "\\" in cfg.run_name):
         raise ValueError(f"--run-name must be a folder name inside --out-dir (no '/', not '.' or "
                          f"'..'), got {cfg.run_name!r}")
+    if cfg.mix_off_frac and not (cfg.mixup or cfg.cutmix):
+        raise ValueError(f"--mix-off-frac {cfg.mix_off_frac} would do nothing: no --mixup or "
+                         f"--cutmix to stop")
     if cfg.min_lr > cfg.lr:
         raise ValueError(f"--min-lr must not exceed --lr (the decay goes from --lr down to "
                          f"--min-lr), got {cfg.min_lr} > {cfg.lr}")

@@ -180,7 +180,7 @@ def test_a_setting_added_later_keeps_the_keys_of_rows_recorded_before_it():
     """A row recorded before --mimetic-init and --mix-off-frac existed (its config lacks them)
     keeps its key, so a resumed study reuses it; either setting switched on is a different
     run."""
-    assert set(cc.NEWER_SETTINGS) == {"mimetic_init", "mix_off_frac"}
+    assert set(cc.NEWER_SETTINGS) == {"mimetic_init", "mix_off_frac", "eval_train"}
     cfg = cc.run_config(cc.STUDIES["data"].runs[0], BUDGET, cc.BASE)
     old = {k: v for k, v in dataclasses.asdict(cfg).items()
            if k not in cc.PLACE and k not in cc.NEWER_SETTINGS}  # the config as recorded then
@@ -219,7 +219,7 @@ def test_cnn_flops_match_a_hand_count():
 def test_a_study_writes_rows_table_and_plot(data_dir, tmp_path, monkeypatch, fast_machine,
                                             capsys):
     tiny_study(monkeypatch, "two", [*cc.baseline("base"), cc.Run("lr", {"lr": 3e-4})])
-    compare(tmp_path, data_dir, "--study", "two", "--epochs", "2")
+    compare(tmp_path, data_dir, "eval_train=40", "--study", "two", "--epochs", "2")
     got = rows(tmp_path, "two")
     # the baseline's seeds spread over the study, the first at the start and the last at the end
     assert [(r["label"], r["seed"], r["epochs"]) for r in got] == [
@@ -243,6 +243,12 @@ def test_a_study_writes_rows_table_and_plot(data_dir, tmp_path, monkeypatch, fas
         assert ph["drop_img_s"] > 0 and ph["full_img_s"] > 0  # (too tiny to compare speeds)
         hist = ckpt["history"]
         assert sum(h["full_images"] for h in hist) == 3 * 50
+        # each epoch's curve, the gap included (--eval-train is not part of the run's key)
+        assert [(c["elapsed_min"], c["eval_acc"], c["train_eval_acc"]) for c in r["curve"]] == [
+            (round(h["elapsed_min"], 4), round(h["eval_acc"], 4), round(h["train_eval_acc"], 4))
+            for h in hist]
+        assert r["config"]["eval_train"] == 40
+        assert r["key"] == cc.run_key(TrainConfig(**{**r["config"], "eval_train": 0}))
     base = [r["val_acc"] for r in got if r["baseline"]]
     mean, sd = np.mean(base), np.std(base, ddof=1)
     se = 100 * math.sqrt(mean / 100 * (1 - mean / 100) / 100)
@@ -253,6 +259,23 @@ def test_a_study_writes_rows_table_and_plot(data_dir, tmp_path, monkeypatch, fas
     assert table in capsys.readouterr().out
     with Image.open(tmp_path / "fig" / "study_two_epochs.png") as im:
         assert im.size[0] > 500
+    # --report redraws from the rows alone, training nothing, even with a run still to do
+    (tmp_path / "res" / "two_epochs.md").unlink()
+    (tmp_path / "fig" / "study_two_epochs_curves.png").unlink()
+    tiny_study(monkeypatch, "two", [*cc.baseline("base"), cc.Run("lr", {"lr": 3e-4}),
+                                    cc.Run("not run", {"lr": 1e-4})])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--report trained or measured the machine")
+
+    monkeypatch.setattr(cc, "train_run", no_training)
+    monkeypatch.setattr(cc, "reference_speed", no_training)
+    cc.main(["--out", str(tmp_path / "res"), "--fig-dir", str(tmp_path / "fig"), "--study", "two",
+             "--epochs", "2", "--report"])
+    assert (tmp_path / "res" / "two_epochs.md").read_text() == table
+    assert len(rows(tmp_path, "two")) == 4
+    with Image.open(tmp_path / "fig" / "study_two_epochs_curves.png") as im:
+        assert im.size[0] > 1000
 
 
 def hand_row(label: str, acc: float, right: list[bool], seed: int = 0, baseline: bool = False,
@@ -292,6 +315,51 @@ def test_the_noise_rule_decides_which_differences_are_real():
     text = cc.table(study, res)
     assert "| up 2.5 | 0 | 63.50% | +2.50 | 否 |" in text
     assert "| up 3 | 1 | 64.00% | +3.00 | 是 |" in text
+
+
+def test_with_one_baseline_seed_no_difference_is_called_real(tmp_path, monkeypatch):
+    """A study stopped after its first baseline seed: the seeds' spread is unknown, so the table
+    says "未知" for every variant (even 20 points up) and gives only the sampling error; the plot
+    draws no noise band."""
+    right = [True] * 5000
+    study = cc.Study("s", "q", [cc.Run("base", {}, 0, True), cc.Run("base", {}, 1, True),
+                                cc.Run("up 20")])
+    res = cc.Results.__new__(cc.Results)
+    res.name, res.rows = "s", [hand_row("base", 60.0, right, 0, True),
+                               hand_row("up 20", 80.0, right)]
+    text = cc.table(study, res)
+    assert "| up 20 | 0 | 80.00% | +20.00 | 未知 |" in text
+    assert "nan" not in text and "只有 1 个种子" in text
+    assert f"√2·se = {math.sqrt(2) * 100 * math.sqrt(0.6 * 0.4 / 5000):.2f}" in text
+    bands = []
+    monkeypatch.setattr(cc.plt.Axes, "axvspan", lambda ax, *a, **k: bands.append(a))
+    cc.plot(study, res, tmp_path / "p.png")
+    assert bands == [] and (tmp_path / "p.png").stat().st_size > 10_000
+    res.rows.append(hand_row("base", 62.0, right, 1, True))  # two seeds: the band is drawn
+    cc.plot(study, res, tmp_path / "p.png")
+    nz = cc.noise(res.rows)
+    assert nz["mean"] == 61.0 and bands == [(61.0 - 2 * nz["sigma"], 61.0 + 2 * nz["sigma"])]
+
+
+def test_report_refuses_what_it_cannot_do(tmp_path, capsys):
+    """--report trains nothing: a --set is refused, and so is a study without finished rows of
+    the budget asked for (a 7-minute file does not answer --budget-min 30)."""
+    out = tmp_path / "res"
+    out.mkdir()
+    row = hand_row("base", 60.0, [True] * 8, 0, True)
+    (out / "hour.json").write_text(json.dumps({"rows": [{**row, "study": "hour"}]}))
+    for args, message in (
+            (["--set", "lr=0.1"], "--set has no effect"),
+            (["--epochs", "3"], "hour_epochs.json holds no finished runs"),
+            (["--budget-min", "30"], "holds runs of 4 min each")):
+        argv = ["--out", str(out), "--fig-dir", str(tmp_path / "fig"), "--study", "hour",
+                "--report", *args]
+        if "--set" in args:
+            argv += ["--budget-min", "4"]
+        with pytest.raises(SystemExit):
+            cc.main(argv)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "fig").exists() or not any((tmp_path / "fig").iterdir())
 
 
 def test_rows_measured_far_from_the_first_reference_speed_are_flagged():
@@ -701,6 +769,10 @@ def test_the_committed_results_files_stay_readable(repo):
         study = path.stem.removesuffix("_epochs")
         assert res.rows and {r["study"] for r in res.rows} == {study}
         assert cc.table(cc.STUDIES[study], res).startswith(f"### {path.stem}")
+        # each row's key as recorded, from its config as recorded (settings added since then
+        # at their defaults): a resumed study finds all its rows
+        for r in res.rows:
+            assert cc.run_key(TrainConfig(**r["config"])) == r["key"], (path.name, r["label"])
 
 
 @pytest.mark.slow

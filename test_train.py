@@ -174,6 +174,10 @@ def test_mixing_stops_for_the_last_share_of_the_run():
     """--mix-off-frac 0.2: mixup / cutmix stop at 80% of the steps, or of the time."""
     s = tc.Schedule(budget_config(epochs=10, mix_off_frac=0.2), 50)
     assert [s.mixes_at(st) for st in (0, 399, 400, 499)] == [True, True, False, False]
+    # whole steps, as the warmup: 18 of 100 steps unmixed (0.82 < 1 - 0.18 in floating point)
+    s = tc.Schedule(budget_config(epochs=2, mix_off_frac=0.18, full_token_frac=0.18), 50)
+    assert [s.mixes_at(st) for st in (81, 82)] == [True, False]
+    assert [s.full_tokens_at(st) for st in (81, 82)] == [False, True]
     clock = FakeClock()
     s = tc.Schedule(budget_config(time_budget=5.0, mix_off_frac=0.2), 50, clock=clock)
     assert s.reads_every_step

@@ -208,13 +208,20 @@ class Schedule:
         stages = resolution_stages(self.cfg.res_schedule)
         return next((size for size, until in stages if self.progress(step) < until), full)
 
+    def in_last(self, step: int, frac: float) -> bool:
+        """Whether this step is in the last `frac` of the run: of its time (as of the last
+        reading), or of its steps (counted in whole steps, as the warmup is)."""
+        if self.budget_s:
+            return self.elapsed_s >= (1 - frac) * self.budget_s
+        return step >= self.total_steps - round(frac * self.total_steps)
+
     def full_tokens_at(self, step: int) -> bool:
         """--full-token-frac: whether this step trains without patch dropout."""
-        return self.fraction(step) >= 1 - self.cfg.full_token_frac
+        return self.in_last(step, self.cfg.full_token_frac)
 
     def mixes_at(self, step: int) -> bool:
         """--mix-off-frac: whether this step's batch may be mixed (mixup / cutmix)."""
-        return self.fraction(step) < 1 - self.cfg.mix_off_frac
+        return not self.in_last(step, self.cfg.mix_off_frac)
 
     def full_tokens(self, epoch: int, step: int, history: list[dict[str, Any]]) -> bool:
         """--full-token-epochs: whether this epoch (0-based) trains without patch dropout; by
@@ -379,7 +386,7 @@ def train_epoch(learner: Learner, batches: TrainBatches, schedule: Schedule, epo
     desc = (f"epoch {epoch + 1} ({left:.1f} min left)" if schedule.budget_s
             else f"epoch {epoch + 1}/{cfg.epochs}")
     mix_off = cfg.mix_off_frac and (cfg.mixup or cfg.cutmix)
-    if mix_off:  # the next batch drawn (the generator augments it when asked) is this step's
+    if mix_off:  # the generator augments a batch when the loop asks for it: this step's
         batches.augment.mixing = schedule.mixes_at(step)
     bar = tqdm(batches.epoch(epoch), total=len(batches), desc=desc, disable=not show, leave=False,
                mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
@@ -395,7 +402,9 @@ def train_epoch(learner: Learner, batches: TrainBatches, schedule: Schedule, epo
         dropping = getattr(model, "patch_drop_rate", 0.0) > 0
         loss, logits = learner.step(x, target, schedule.lr(step))
         step += 1
-        if mix_off:
+        if mix_off:  # decided on a fresh reading, before the next step's batch is drawn
+            if schedule.reads_every_step:
+                schedule.read(step)
             batches.augment.mixing = schedule.mixes_at(step)
         loss_sum += loss
         correct += (logits.argmax(1) == target.argmax(1)).sum()
@@ -509,6 +518,8 @@ def log_epoch(rec: dict[str, Any], evals: EvalSet, schedule: Schedule, wb: SafeW
                f"[{rec['elapsed_min']:.1f} min]")
     evaluated = {f"{evals.name}/{k}": rec[f"eval_{k}"] for k in ("loss", "acc", "images")
                  if "eval_acc" in rec}
+    if "train_eval_acc" in rec:
+        evaluated["train/eval_acc"] = rec["train_eval_acc"]
     wb.log({"train/epoch_loss": rec["train_loss"], "train/epoch_acc": rec["train_acc"],
             "epoch": rec["epoch"], "epoch_time": rec["epoch_time"],
             "data_time_frac": rec["data_time_frac"], **evaluated}, rec["step"])
@@ -593,12 +604,10 @@ def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, 
     mean, std = input_normalization(ckpt) if ckpt else (data.mean, data.std)  # travel with weights
     train_x, train_y, evals = split_data(data, cfg.val_split, cfg.train_fraction,
                                          cfg.eval_subset, device, rank, world)
-    if cfg.eval_train and not cfg.eval_train <= len(train_x):
-        raise ValueError(f"--eval-train must be at most the {len(train_x)} training images, got "
-                         f"{cfg.eval_train}")
-    sub = torch.arange(cfg.eval_train, device=train_x.device) * len(train_x) // max(
-        cfg.eval_train, 1)  # evenly spaced, this process's share of them
-    train_sub_x, train_sub_y = train_x[sub][rank::world], train_y[sub][rank::world]
+    n_train_eval = min(cfg.eval_train, len(train_x))  # --eval-train: at most all of them
+    spaced = torch.arange(n_train_eval, device=train_x.device) * len(train_x) // max(
+        n_train_eval, 1)  # evenly spaced; this process evaluates its share of them
+    train_sub_x, train_sub_y = train_x[spaced][rank::world], train_y[spaced][rank::world]
     augment = Augment(len(data.classes), mean, std, cfg.crop_pad, cfg.flip, cfg.randaug_n,
                       cfg.randaug_m, cfg.erase_prob, cfg.label_smoothing, cfg.mixup, cfg.cutmix,
                       cfg.mix_prob)
@@ -652,10 +661,11 @@ def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, 
                                    cfg.eval_batch_size, learner.amp_ctx, cfg.tta_flip and not sub)
                     rec.update(eval_loss=res["loss"], eval_acc=res["acc"],
                                eval_images=evals.subset if sub else evals.size)
-                    if cfg.eval_train:  # the same weights on training images, un-augmented
+                    if n_train_eval:  # the same weights on training images, un-augmented
                         rec["train_eval_acc"] = evaluate(
                             eval_model, train_sub_x, train_sub_y, mean, std, cfg.eval_batch_size,
                             learner.amp_ctx)["acc"]
+                        rec["train_eval_images"] = n_train_eval
             rec["eval_time"] = took["seconds"]
             rec["elapsed_min"] = schedule.read(run.step) / 60
             rec["wall_min"] = schedule.wall_s / 60
