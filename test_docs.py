@@ -258,8 +258,9 @@ def registry_rows() -> list[dict[str, str]]:
 
 def measured_values() -> set[float]:
     """Every number the results files and the card hold that a document may quote: accuracies,
-    speeds and shares of each study row, every number of each study's rendered table (its
-    differences and noise), and the shipped model's accuracies and predictions."""
+    speeds and shares of each study row and of each epoch of its curve, every number of each
+    study's rendered table (its differences and noise), and the shipped model's accuracies and
+    predictions."""
     import json
 
     import compare_configs as cc
@@ -272,6 +273,11 @@ def measured_values() -> set[float]:
                 values.add(100 * v if k.endswith("share") else v)
             ref = r.get("machine", {}).get("ref_img_s")
             values.update([ref] if ref else [])
+            for h in r.get("curve", []):  # each epoch: accuracies and the train/validation gap
+                values.update(100 * h[k] for k in ("train_acc", "eval_acc", "train_eval_acc")
+                              if k in h)
+                if "train_eval_acc" in h and "eval_acc" in h:
+                    values.add(100 * (h["train_eval_acc"] - h["eval_acc"]))
         study = cc.STUDIES.get(path.stem.removesuffix("_epochs"))
         if path.parent.name == "results" and study:
             text = cc.table(study, cc.Results(path.parent, path.stem))
