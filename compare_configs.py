@@ -903,6 +903,11 @@ def plot_views(study: Study, timed: Results, epochs: Results, path: Path) -> Non
     plt.close(fig)
 
 
+def has_gap_curves(res: Results) -> bool:
+    """Whether some row was trained with --eval-train (its curve has the train/val gap)."""
+    return any("train_eval_acc" in h for r in res.rows for h in r.get("curve", []))
+
+
 def plot_curves(study: Study, res: Results, path: Path) -> None:
     """The train/validation gap along each run (rows trained with --eval-train): accuracy on
     training images as they are and on validation images, against training minutes; and their
@@ -949,7 +954,7 @@ def report(study: Study, res: Results, fig_dir: Path) -> None:
     res.table_path.write_text(text)
     plot(study, res, plot_path(fig_dir, res.name))
     print(f"table {res.table_path}, plot {plot_path(fig_dir, res.name)}")
-    if any("train_eval_acc" in h for r in res.rows for h in r.get("curve", [])):
+    if has_gap_curves(res):
         curves = plot_path(fig_dir, f"{res.name}_curves")
         plot_curves(study, res, curves)
         print(f"train/validation gap: {curves}")

@@ -110,6 +110,9 @@ def make_all(args: argparse.Namespace) -> list[Path]:
         if res.name == study.name and epochs.rows and study.plot == "bars":
             written.append(cc.plot_path(out, f"{study.name}_views"))
             cc.plot_views(study, res, epochs, written[-1])
+        if cc.has_gap_curves(res):
+            written.append(cc.plot_path(out, f"{res.name}_curves"))
+            cc.plot_curves(study, res, written[-1])
     if no_browser:
         print(f"explorer.png left out: {no_browser}")
     else:
