@@ -499,6 +499,11 @@ def plot_path(fig_dir: Path, study: str) -> Path:
     return fig_dir / f"study_{study}.png"
 
 
+def figure_paths(fig_dir: Path, study: Study, res: Results) -> list[Path]:
+    """Every plot report() may write for a study's results file."""
+    return [plot_path(fig_dir, n) for n in (res.name, f"{study.name}_views", f"{res.name}_curves")]
+
+
 def check_not_folders(paths: list[Path], option: str) -> None:
     """Files a study writes, in the folder of `option`, must not be folders: a folder in the way
     would fail only when the file is written, after a run has trained."""
@@ -617,9 +622,7 @@ def run_studies(args: argparse.Namespace) -> None:
     plans = [(STUDIES[name], Results(out, results_name(name, budget))) for name in args.study]
     for s, res in plans:
         check_not_folders([res.path, res.lock_path, res.table_path], "--out")
-        check_not_folders([plot_path(Path(args.fig_dir), name)
-                           for name in (res.name, f"{s.name}_views", f"{res.name}_curves")],
-                          "--fig-dir")
+        check_not_folders(figure_paths(Path(args.fig_dir), s, res), "--fig-dir")
         check_budget(res.rows, budget, str(res.path))
         for i, _ in enumerate(s.runs):  # a --set other than the rows' fails now, not after a run
             check_base(res.rows, dataclasses.asdict(configs[s.name, i]), s, str(res.path))
@@ -1061,8 +1064,7 @@ def report_only(args: argparse.Namespace) -> None:
             raise ValueError(f"{res.path} holds no finished runs: nothing to report")
         check_budget(res.rows, budget, str(res.path))
         check_not_folders([res.table_path], "--out")
-        check_not_folders([plot_path(Path(args.fig_dir), n) for n in (
-            res.name, f"{name}_views", f"{res.name}_curves")], "--fig-dir")
+        check_not_folders(figure_paths(Path(args.fig_dir), STUDIES[name], res), "--fig-dir")
         plans.append((STUDIES[name], res))
     for study, res in plans:
         report(study, res, Path(args.fig_dir))

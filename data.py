@@ -278,6 +278,12 @@ class EvalSet:
     subset: int
 
 
+def evenly_spaced(k: int, n: int) -> Tensor:
+    """k indices spread evenly over range(n) (k <= n): a subset with every class when the
+    images are sorted by class."""
+    return torch.arange(k) * n // max(k, 1)
+
+
 def split_data(data: ImageData, val_split: int = 0, train_fraction: float = 1.0,
                eval_subset: int = 0, device: torch.device | str = "cpu", rank: int = 0,
                world: int = 1) -> tuple[Tensor, Tensor, EvalSet]:
@@ -301,7 +307,7 @@ def split_data(data: ImageData, val_split: int = 0, train_fraction: float = 1.0,
     n = len(eval_x)
     if not eval_subset < n:
         raise ValueError(f"--eval-subset must be in [0, {n}), got {eval_subset}")
-    sub = torch.arange(eval_subset) * n // max(eval_subset, 1)
+    sub = evenly_spaced(eval_subset, n)
     evals = EvalSet("val" if val_split else "test", n, eval_x[rank::world].to(device),
                     eval_y[rank::world].to(device), eval_x[sub][rank::world].to(device),
                     eval_y[sub][rank::world].to(device), eval_subset)

@@ -70,6 +70,7 @@ from data import (
     EvalSet,
     ImageData,
     TrainBatches,
+    evenly_spaced,
     image_files,
     load_dataset,
     match_classes,
@@ -385,8 +386,12 @@ def train_epoch(learner: Learner, batches: TrainBatches, schedule: Schedule, epo
     left = (schedule.budget_s - schedule.elapsed_s) / 60
     desc = (f"epoch {epoch + 1} ({left:.1f} min left)" if schedule.budget_s
             else f"epoch {epoch + 1}/{cfg.epochs}")
-    mix_off = cfg.mix_off_frac and (cfg.mixup or cfg.cutmix)
-    if mix_off:  # the generator augments a batch when the loop asks for it: this step's
+    # --mix-off-frac: the generator augments a batch when the loop asks for it, so whether this
+    # step's batch is mixed is decided before it is drawn (the clock then read after each step)
+    read_after_step = cfg.mix_off_frac > 0 and schedule.reads_every_step
+    if cfg.mix_off_frac:
+        if read_after_step:
+            schedule.read(step)
         batches.augment.mixing = schedule.mixes_at(step)
     bar = tqdm(batches.epoch(epoch), total=len(batches), desc=desc, disable=not show, leave=False,
                mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
@@ -395,16 +400,16 @@ def train_epoch(learner: Learner, batches: TrainBatches, schedule: Schedule, epo
             x = resize(x, size)  # then interpolates its position embedding)
         t0 = time.perf_counter()
         t_data += t0 - t_ready
-        if schedule.reads_every_step:
+        if schedule.reads_every_step and not read_after_step:
             schedule.read(step)
         if cfg.full_token_frac and cfg.patch_drop:  # a ViT setting (config.VIT_ONLY)
             model.patch_drop_rate = 0.0 if schedule.full_tokens_at(step) else cfg.patch_drop
         dropping = getattr(model, "patch_drop_rate", 0.0) > 0
         loss, logits = learner.step(x, target, schedule.lr(step))
         step += 1
-        if mix_off:  # decided on a fresh reading, before the next step's batch is drawn
-            if schedule.reads_every_step:
-                schedule.read(step)
+        if read_after_step:
+            schedule.read(step)  # the next step's reading, before its batch is drawn
+        if cfg.mix_off_frac:
             batches.augment.mixing = schedule.mixes_at(step)
         loss_sum += loss
         correct += (logits.argmax(1) == target.argmax(1)).sum()
@@ -605,9 +610,8 @@ def _train(cfg: TrainConfig, resume: str | Path | None, data: ImageData | None, 
     train_x, train_y, evals = split_data(data, cfg.val_split, cfg.train_fraction,
                                          cfg.eval_subset, device, rank, world)
     n_train_eval = min(cfg.eval_train, len(train_x))  # --eval-train: at most all of them
-    spaced = torch.arange(n_train_eval, device=train_x.device) * len(train_x) // max(
-        n_train_eval, 1)  # evenly spaced; this process evaluates its share of them
-    train_sub_x, train_sub_y = train_x[spaced][rank::world], train_y[spaced][rank::world]
+    spaced = evenly_spaced(n_train_eval, len(train_x)).to(train_x.device)
+    train_sub_x, train_sub_y = train_x[spaced][rank::world], train_y[spaced][rank::world]  # share
     augment = Augment(len(data.classes), mean, std, cfg.crop_pad, cfg.flip, cfg.randaug_n,
                       cfg.randaug_m, cfg.erase_prob, cfg.label_smoothing, cfg.mixup, cfg.cutmix,
                       cfg.mix_prob)
