@@ -18,11 +18,13 @@ epochs, whose share of a run depends on its speed; only the training steps count
 --budget-min (--clock train: evaluation and saving are timed apart and recorded).
 
 Noise: the baseline runs with three seeds, at the start, the middle and the end of the study (so
-that a drift of the machine's speed shows in it). Each table states the seeds' standard deviation
-s, the sampling error se of an accuracy on the validation images, and sigma = sqrt(s^2 (1 + 1/k)
-+ se^2), the noise of a run minus the baseline's mean over k seeds; a difference is called real
-only beyond 2 sigma. A paired test (McNemar's, exact) compares each run with the baseline of its
-seed image by image on the same validation images.
+that a drift of the machine's speed shows in it; two in hour-confirm, at the start and the end).
+Each table states the seeds' standard deviation s, the sampling error se of an accuracy on the
+validation images, and sigma = sqrt(s^2 (1 + 1/k) + se^2), the noise of a run minus the
+baseline's mean over k seeds; a difference is called real only beyond 2 sigma. A change run
+with m seeds gets a row of their mean, judged by sqrt(s^2 (1/m + 1/k) + se^2). A paired test
+(McNemar's, exact) compares each run with the baseline of its seed image by image on the same
+validation images.
 
 Budget: --budget-min M gives every run M minutes of training (the fair comparison on a CPU: the
 view of a CPU user, with a fixed time), --epochs E the same number of epochs (equal images seen,
@@ -153,8 +155,13 @@ def varied_settings(study: Study) -> dict[str, Run]:
     return varied
 
 
-def baseline(label: str, **plot: Any) -> list[Run]:
-    return [Run(label, {}, seed, True, **plot) for seed in SEEDS]
+def baseline(label: str, seeds: tuple[int, ...] = SEEDS, **plot: Any) -> list[Run]:
+    return [Run(label, {}, seed, True, **plot) for seed in seeds]
+
+
+def seeded(label: str, changes: dict[str, Any], seeds: tuple[int, ...]) -> list[Run]:
+    """One change with several seeds: the table adds their mean, judged by its own noise."""
+    return [Run(label, changes, seed) for seed in seeds]
 
 
 def _data_runs() -> list[Run]:
@@ -216,22 +223,34 @@ def _transfer_runs() -> list[Run]:
     return runs
 
 
+MIXING_LABEL = "mixup 0.8 + CutMix 1.0, off last 20%"
+MIXING = {"mixup": 0.8, "cutmix": 1.0, "mix_off_frac": 0.2}
+
+
 def _hour_runs() -> list[Run]:
     """One regulariser or prior at a time against the preset, in the order they were judged
     most likely to matter once the curve flattens (about 40 minutes into the hour): mixing,
     which small ViTs trained from scratch on CIFAR-10 rely on, stopped for the last 20% so that
     the end of the decay sees real images; mimetic initialisation; an EMA of the weights whose
     horizon (1 / (1 - decay) = 2,000 steps) is about a third of a 30-minute run (~6,300 steps
-    on a 2-core CPU); then erasing, RandAugment and width."""
+    on a 2-core CPU); then erasing, RandAugment, width (which may win at the hour with strong
+    augmentation while losing at 9 minutes) and RandAugment's lower magnitude."""
     return [*baseline("preset (baseline)"),
-            Run("mixup 0.8 + CutMix 1.0, off last 20%",
-                {"mixup": 0.8, "cutmix": 1.0, "mix_off_frac": 0.2}),
+            Run(MIXING_LABEL, MIXING),
             Run("mimetic init", {"mimetic_init": True}),
             Run("EMA 0.9995", {"ema": 0.9995}),
             Run("random erasing 0.25", {"erase_prob": 0.25}),
             Run("RandAugment 2 ops, m=9", {"randaug_n": 2, "randaug_m": 9}),
-            Run("RandAugment 2 ops, m=5", {"randaug_n": 2, "randaug_m": 5}),
-            Run("D=192 (wider)", {"embed_dim": 192})]
+            Run("D=192 (wider)", {"embed_dim": 192}),
+            Run("RandAugment 2 ops, m=5", {"randaug_n": 2, "randaug_m": 5})]
+
+
+def _hour_confirm_runs() -> list[Run]:
+    """The screen's candidates at the preset's full 57 minutes, two seeds each (run in the
+    order baseline, mixing, mixing, baseline: each pair of about two hours holds one of each).
+    Mixing first: it cut the 30-minute train/validation gap to a third, so it is the direct test
+    of the overfitting hypothesis, whatever its accuracy at 30 minutes."""
+    return [*baseline("preset (baseline)", (0, 1)), *seeded(MIXING_LABEL, MIXING, (0, 1))]
 
 
 # Both learning rates of the preset (AdamW's --lr and Muon's --muon-lr) times 0.3.
@@ -260,6 +279,8 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
     Study("hour", "the late-run levers, screened at 30 minutes (then confirmed at the preset's "
           "57): mixup + CutMix off for the last 20%, mimetic initialisation, EMA, random "
           "erasing, RandAugment at two magnitudes, a wider model", _hour_runs()),
+    Study("hour-confirm", "the 30-minute screen's candidates at the preset's 57 minutes, two "
+          "seeds each, with the train/validation gap along the run", _hour_confirm_runs()),
     Study("transfer", "pre-train on five classes, fine-tune on the other five (Sec. 3.2): how "
           "much does pre-training help, the ViT and the ResNet, with 1-100% of the target images",
           _transfer_runs(), plot="lines"),
@@ -705,6 +726,29 @@ def noise(rows: list[dict[str, Any]]) -> dict[str, float]:
             "sigma": math.sqrt(sd ** 2 * (1 + 1 / max(k, 1)) + se ** 2)}
 
 
+def mean_sigma(nz: dict[str, float], m: int) -> float:
+    """The noise of the mean of a change's m seeds minus the baseline's mean over k seeds,
+    sqrt(s^2 (1/m + 1/k) + se^2): the seeds' spread averages out, the sampling error of the
+    validation images does not (every run is scored on the same images)."""
+    return math.sqrt(nz["sd"] ** 2 * (1 / m + 1 / max(nz["k"], 1)) + nz["se"] ** 2)
+
+
+def seed_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The changes (not the baseline) that ran with two seeds or more: label -> their rows."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if not r["baseline"]:
+            groups.setdefault(r["label"], []).append(r)
+    return {label: rs for label, rs in groups.items() if len(rs) >= 2}
+
+
+def display_names(rows: list[dict[str, Any]]) -> list[str]:
+    """Each row's name in a plot: its label, with its seed where the label has several."""
+    several = {r["label"] for r in rows if r["baseline"]} | set(seed_groups(rows))
+    return [f"{r['label']} (seed {r['seed']})" if r["label"] in several else r["label"]
+            for r in rows]
+
+
 def mcnemar(a: dict[str, Any], b: dict[str, Any]) -> float:
     """Exact two-sided McNemar test of two runs on the same validation images: under "equally
     good", the images that exactly one of them gets right are that one's or the other's with
@@ -761,6 +805,17 @@ def table(study: Study, res: Results) -> str:
                      f"{speed} | {ph['train_s']:.0f} / {ph['eval_s']:.0f} | {r['params']:,} | "
                      f"{r['mflops']:.1f} | {ref:.0f}{flag} | "
                      f"{r['started'][5:16].replace('T', ' ')} |")
+    groups = seed_groups(rows)
+    for label, rs in groups.items():
+        acc = statistics.mean(r["val_acc"] for r in rs)
+        sigma = mean_sigma(nz, len(rs))
+        real = "未知" if math.isnan(sigma) else "是" if abs(acc - nz["mean"]) > 2 * sigma else "否"
+        lines.append(
+            f"| {label}：{len(rs)} 个种子的均值 | {', '.join(str(r['seed']) for r in rs)} | "
+            f"{acc:.2f}% | {acc - nz['mean']:+.2f} | {real} | — | "
+            f"{statistics.mean(r['test_acc'] for r in rs):.2f}% | "
+            f"{statistics.mean(r['images_seen'] for r in rs) / 1000:,.0f}k | — | — | "
+            f"{rs[0]['params']:,} | {rs[0]['mflops']:.1f} | — | — |")
     cfg = first["config"]
     refs = [r["machine"]["ref_img_s"] for r in rows]
     vit = next((r["config"] for r in rows if r["config"]["full_token_frac"]), cfg)
@@ -794,6 +849,12 @@ def table(study: Study, res: Results) -> str:
         "（`python benchmark.py model`）；"
         f"⚠：与本研究第一次运行（{ref0:.0f}）相差超过 {DRIFT:.0%}。"
         f"运行于 {' 至 '.join(sorted({min(days), max(days)}))}。")
+    if groups and nz["k"] >= 2:
+        noise_text += ("“均值”一行：一个改动的 m 个种子的平均，它与基线均值之差的噪声是 "
+                       "σ_m = √(s²(1/m + 1/k) + se²)（种子间的波动被平均，验证图的抽样误差不会："
+                       "每次运行都在同样的图上评估），" + "，".join(
+                           f"m = {m} 时 2σ_m = {2 * mean_sigma(nz, m):.2f}"
+                           for m in sorted({len(rs) for rs in groups.values()})) + "。")
     lines += ["", noise_text, "", budget_line]
     return "\n".join(lines) + "\n"
 
@@ -808,7 +869,7 @@ def plot(study: Study, res: Results, path: Path) -> None:
     if rows[0]["config"]["time_budget"]:
         each += " (training time)"
     if study.plot == "bars":
-        names = [f"{r['label']} (seed {r['seed']})" if r["baseline"] else r["label"] for r in rows]
+        names = display_names(rows)
         known = not math.isnan(nz["sigma"])  # one baseline seed: the noise is not measured
         ax.barh(range(len(rows)), [r["val_acc"] for r in rows], xerr=nz["run"] if known else None,
                 capsize=3, color=["0.6" if r["baseline"] else "tab:blue" for r in rows])
@@ -918,12 +979,11 @@ def plot_curves(study: Study, res: Results, path: Path) -> None:
     rows = [r for r in ordered_rows(study, res)
             if any("train_eval_acc" in h for h in r.get("curve", []))]
     fig, (ax, gap) = plt.subplots(1, 2, figsize=(12, 4.6))
-    for i, r in enumerate(rows):
+    for i, (r, name) in enumerate(zip(rows, display_names(rows), strict=True)):
         pts = [h for h in r["curve"] if "train_eval_acc" in h and "eval_acc" in h]
         t = [h["elapsed_min"] for h in pts]
         train = [100 * h["train_eval_acc"] for h in pts]
         val = [100 * h["eval_acc"] for h in pts]
-        name = f"{r['label']} (seed {r['seed']})" if r["baseline"] else r["label"]
         color = f"C{i % 10}"
         ax.plot(t, train, "-", color=color, label=name)
         ax.plot(t, val, "--", color=color)

@@ -149,7 +149,8 @@ def test_every_study_builds_valid_configs_that_change_one_thing():
     base = dataclasses.asdict(TrainConfig(**{**cc.BASE, **BUDGET}))
     for study in cc.STUDIES.values():
         keys = set()
-        assert [r.seed for r in study.runs if r.baseline] == [0, 1, 2]
+        assert [r.seed for r in study.runs if r.baseline] == (
+            [0, 1] if study.name == "hour-confirm" else [0, 1, 2])
         for run in study.runs:
             cfg = cc.run_config(run, BUDGET, cc.BASE)  # validates
             # every run: the same shares of its budget for the warmup and the full-token phase
@@ -315,6 +316,29 @@ def test_the_noise_rule_decides_which_differences_are_real():
     text = cc.table(study, res)
     assert "| up 2.5 | 0 | 63.50% | +2.50 | 否 |" in text
     assert "| up 3 | 1 | 64.00% | +3.00 | 是 |" in text
+
+
+def test_a_change_run_with_two_seeds_gets_a_mean_row_judged_by_its_own_noise():
+    """Baseline seeds at 58 and 62% (s = 2.83, mean 60), se = sqrt(.6 * .4 / 5000) = 0.69: one
+    run's 2 sigma = 2 sqrt(8 * 3/2 + se^2) = 7.07, so neither seed of a change at 66.0 / 66.5%
+    is called real; their mean (+6.25) is judged by 2 sqrt(8 (1/2 + 1/2) + se^2) = 5.82: real."""
+    right = [True] * 5000
+    study = cc.Study("s", "q", [*cc.baseline("base", (0, 1)),
+                                *cc.seeded("up", {"lr": 1.0}, (0, 1)), cc.Run("once")])
+    res = cc.Results.__new__(cc.Results)
+    res.name, res.rows = "s", [hand_row("base", 58.0, right, 0, True),
+                               hand_row("base", 62.0, right, 1, True),
+                               hand_row("up", 66.0, right, 0), hand_row("up", 66.5, right, 1),
+                               hand_row("once", 61.0, right)]
+    se2 = 100 ** 2 * 0.6 * 0.4 / 5000
+    assert 2 * math.sqrt(8 * 1.5 + se2) == pytest.approx(7.07, abs=0.005)
+    text = cc.table(study, res)
+    assert "| up | 0 | 66.00% | +6.00 | 否 |" in text and "| up | 1 | 66.50% | +6.50 | 否 |" in text
+    assert "| up：2 个种子的均值 | 0, 1 | 66.25% | +6.25 | 是 |" in text
+    assert "once：" not in text  # one seed: no mean row
+    assert f"m = 2 时 2σ_m = {2 * math.sqrt(8 + se2):.2f}" in text and "5.82" in text
+    assert cc.display_names(res.rows) == ["base (seed 0)", "base (seed 1)", "up (seed 0)",
+                                          "up (seed 1)", "once"]
 
 
 def test_with_one_baseline_seed_no_difference_is_called_real(tmp_path, monkeypatch):
