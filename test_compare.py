@@ -150,7 +150,7 @@ def test_every_study_builds_valid_configs_that_change_one_thing():
     for study in cc.STUDIES.values():
         keys = set()
         assert [r.seed for r in study.runs if r.baseline] == (
-            [0, 1] if study.name == "hour-confirm" else [0, 1, 2])
+            [0, 1] if study.name == "hour_confirm" else [0, 1, 2])
         for run in study.runs:
             cfg = cc.run_config(run, BUDGET, cc.BASE)  # validates
             # every run: the same shares of its budget for the warmup and the full-token phase
@@ -318,25 +318,40 @@ def test_the_noise_rule_decides_which_differences_are_real():
     assert "| up 3 | 1 | 64.00% | +3.00 | 是 |" in text
 
 
+def with_rows(res: cc.Results, rows: list[dict]) -> cc.Results:
+    out = cc.Results.__new__(cc.Results)
+    out.name, out.rows = res.name, rows
+    return out
+
+
 def test_a_change_run_with_two_seeds_gets_a_mean_row_judged_by_its_own_noise():
     """Baseline seeds at 58 and 62% (s = 2.83, mean 60), se = sqrt(.6 * .4 / 5000) = 0.69: one
     run's 2 sigma = 2 sqrt(8 * 3/2 + se^2) = 7.07, so neither seed of a change at 66.0 / 66.5%
     is called real; their mean (+6.25) is judged by 2 sqrt(8 (1/2 + 1/2) + se^2) = 5.82: real."""
     right = [True] * 5000
-    study = cc.Study("s", "q", [*cc.baseline("base", (0, 1)),
-                                *cc.seeded("up", {"lr": 1.0}, (0, 1)), cc.Run("once")])
+    runs = [*cc.baseline("base", (0, 1)), *cc.seeded("up", {"lr": 1.0}, (0, 1)), cc.Run("once")]
+    study = cc.Study("s", "q", runs, mean_rows=True)
     res = cc.Results.__new__(cc.Results)
     res.name, res.rows = "s", [hand_row("base", 58.0, right, 0, True),
                                hand_row("base", 62.0, right, 1, True),
                                hand_row("up", 66.0, right, 0), hand_row("up", 66.5, right, 1),
                                hand_row("once", 61.0, right)]
     se2 = 100 ** 2 * 0.6 * 0.4 / 5000
-    assert 2 * math.sqrt(8 * 1.5 + se2) == pytest.approx(7.07, abs=0.005)
     text = cc.table(study, res)
     assert "| up | 0 | 66.00% | +6.00 | 否 |" in text and "| up | 1 | 66.50% | +6.50 | 否 |" in text
     assert "| up：2 个种子的均值 | 0, 1 | 66.25% | +6.25 | 是 |" in text
     assert "once：" not in text  # one seed: no mean row
-    assert f"m = 2 时 2σ_m = {2 * math.sqrt(8 + se2):.2f}" in text and "5.82" in text
+    assert f"m = 2 时 2σ_m = {2 * math.sqrt(8 + se2):.2f}" in text
+    assert 2 * math.sqrt(8 + se2) == pytest.approx(5.82, abs=0.005)  # the docstring's number
+    # the studies without mean rows (the data study has several seeds of some fractions) keep
+    # their tables as they were
+    assert "均值 |" not in cc.table(cc.Study("s", "q", runs), res)
+    # one baseline seed: the mean's noise is unknown; none: nothing to compare with
+    one = cc.table(study, with_rows(res, [r for r in res.rows if r["seed"] == 0 or
+                                          not r["baseline"]]))
+    assert "| up：2 个种子的均值 | 0, 1 | 66.25% | +8.25 | 未知 |" in one and "nan" not in one
+    none = cc.table(study, with_rows(res, [r for r in res.rows if not r["baseline"]]))
+    assert "| up：2 个种子的均值 | 0, 1 | 66.25% | — | — |" in none
     assert cc.display_names(res.rows) == ["base (seed 0)", "base (seed 1)", "up (seed 0)",
                                           "up (seed 1)", "once"]
 
@@ -491,6 +506,29 @@ def test_an_interrupted_study_keeps_its_rows_and_resumes(data_dir, tmp_path, mon
     got = rows(tmp_path, "three")
     assert [(r["label"], r["seed"], r["epochs"]) for r in got] == [
         ("base", 0, 2), ("base", 1, 2), ("lr", 0, 2), ("base", 2, 2)]
+
+
+def test_a_resumed_study_keeps_the_order_of_the_whole_study(data_dir, tmp_path, monkeypatch,
+                                                             fake_training):
+    """Baseline, change, change, baseline (hour_confirm's order): stopped after the first run,
+    the rest keeps that order (the one baseline left does not jump to the front)."""
+    tiny_study(monkeypatch, "s", [*cc.baseline("base", (0, 1)),
+                                  *cc.seeded("lr", {"lr": 3e-4}, (0, 1))])
+    make_row = cc.make_row
+
+    def stop_after_the_first(*args):
+        if len(fake_training) == 2:
+            raise KeyboardInterrupt
+        return make_row(*args)
+
+    monkeypatch.setattr(cc, "make_row", stop_after_the_first)
+    with pytest.raises(SystemExit):
+        compare(tmp_path, data_dir, "--study", "s", "--epochs", "1")
+    assert [r["seed"] for r in rows(tmp_path, "s")] == [0]
+    monkeypatch.setattr(cc, "make_row", make_row)
+    compare(tmp_path, data_dir, "--study", "s", "--epochs", "1")
+    assert fake_training == [("s", "base", 0), ("s", "lr", 0),  # the second, interrupted
+                             ("s", "lr", 0), ("s", "lr", 1), ("s", "base", 1)]
 
 
 @slow
