@@ -891,7 +891,7 @@ def plot(study: Study, res: Results, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
         ax.set_xlabel("validation accuracy (%)\n" + (
-            "orange band: baseline mean ± 2σ (within it: not a real difference); error bars: "
+            "orange band: baseline mean ± 2σ (within it: not a real difference);\nerror bars: "
             "one run's noise; " if known else "") + "grey: baseline seeds", fontsize=8)
         for i, r in enumerate(rows):
             ax.text(r["val_acc"] + (nz["run"] if known else 0.0) + 0.8, i, f"{r['val_acc']:.2f}",
@@ -929,7 +929,7 @@ def plot(study: Study, res: Results, path: Path) -> None:
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"{res.name}: {each}; " + (
+    ax.set_title(f"{res.name}: {each};\n" + (
         f"noise σ = {nz['sigma']:.2f} points ({nz['k']} baseline seeds)"
         if not math.isnan(nz["sigma"]) else
         f"{nz['k']} baseline seed: noise not measured yet, no difference can be called real"),
