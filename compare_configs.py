@@ -978,17 +978,20 @@ def plot_views(study: Study, timed: Results, epochs: Results, path: Path) -> Non
     plt.close(fig)
 
 
+def has_gap_curve(row: dict[str, Any]) -> bool:
+    """Whether a row was trained with --eval-train (its curve has the train/val gap)."""
+    return any("train_eval_acc" in h for h in row.get("curve", []))
+
+
 def has_gap_curves(res: Results) -> bool:
-    """Whether some row was trained with --eval-train (its curve has the train/val gap)."""
-    return any("train_eval_acc" in h for r in res.rows for h in r.get("curve", []))
+    return any(has_gap_curve(r) for r in res.rows)
 
 
 def plot_curves(study: Study, res: Results, path: Path) -> None:
     """The train/validation gap along each run (rows trained with --eval-train): accuracy on
     training images as they are and on validation images, against training minutes; and their
     difference. A gap that grows while validation accuracy stalls is overfitting."""
-    rows = [r for r in ordered_rows(study, res)
-            if any("train_eval_acc" in h for h in r.get("curve", []))]
+    rows = [r for r in ordered_rows(study, res) if has_gap_curve(r)]
     fig, (ax, gap) = plt.subplots(1, 2, figsize=(12, 4.6))
     for i, (r, name) in enumerate(zip(rows, display_names(rows), strict=True)):
         pts = [h for h in r["curve"] if "train_eval_acc" in h and "eval_acc" in h]

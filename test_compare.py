@@ -149,8 +149,8 @@ def test_every_study_builds_valid_configs_that_change_one_thing():
     base = dataclasses.asdict(TrainConfig(**{**cc.BASE, **BUDGET}))
     for study in cc.STUDIES.values():
         keys = set()
-        assert [r.seed for r in study.runs if r.baseline] == (
-            [0, 1] if study.name == "hour_confirm" else [0, 1, 2])
+        seeds = [r.seed for r in study.runs if r.baseline]  # the noise needs two at least
+        assert len(seeds) >= 2 and seeds == list(cc.SEEDS[:len(seeds)]), study.name
         for run in study.runs:
             cfg = cc.run_config(run, BUDGET, cc.BASE)  # validates
             # every run: the same shares of its budget for the warmup and the full-token phase
