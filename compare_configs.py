@@ -419,6 +419,7 @@ class Results:
             study = STUDIES.get(self.name.removesuffix("_epochs"))
             if study is not None:
                 check_base(self.rows, row["config"], study, str(self.path))
+            check_measures(self.rows, row["config"], str(self.path))
             # a reused row's speed was compared with this machine's when it was chosen; its CPU,
             # device and threads must still be those of the rows here
             check_machine(self.rows, {**row["machine"], "ref_img_s": median_ref(self.rows)}
@@ -489,6 +490,28 @@ def check_base(rows: list[dict[str, Any]], config: dict[str, Any], study: Study,
                 f"{where} holds runs whose baseline differs from this one's in "
                 + ", ".join(f"{k} ({theirs[k]!r} there, {ours[k]!r} here)" for k in diff[:4])
                 + ": one table, one baseline: use another --out folder")
+
+
+def measured(config: dict[str, Any]) -> dict[str, Any]:
+    """What a run measures beyond what it trains: its MEASURE_ONLY settings (a row recorded
+    before one existed measured its default)."""
+    return {k: {**NEWER_SETTINGS, **config}[k] for k in MEASURE_ONLY}
+
+
+def check_measures(rows: list[dict[str, Any]], config: dict[str, Any], where: str) -> None:
+    """One table, one set of measurements: refuse a run that measures otherwise than the rows
+    already there (a study resumed without its `--set eval_train=N` would add rows without the
+    train/validation gap curve, which the gap figure then leaves out without a word)."""
+    ours = measured(config)
+    for r in rows:
+        theirs = measured(r["config"])
+        if theirs != ours:
+            there = " ".join(f"{k}={v}" for k, v in theirs.items())
+            raise ValueError(
+                f"{where} holds runs measured with {there}; this one measures "
+                + " ".join(f"{k}={v}" for k, v in ours.items())
+                + f": one table, one set of measurements: give the rows' own `--set {there}` "
+                  "(it changes nothing that is trained), or use another --out folder")
 
 
 def check_machine(rows: list[dict[str, Any]], machine: dict[str, Any], where: str) -> None:
@@ -651,6 +674,7 @@ def run_studies(args: argparse.Namespace) -> None:
         check_budget(res.rows, budget, str(res.path))
         for i, _ in enumerate(s.runs):  # a --set other than the rows' fails now, not after a run
             check_base(res.rows, dataclasses.asdict(configs[s.name, i]), s, str(res.path))
+            check_measures(res.rows, dataclasses.asdict(configs[s.name, i]), str(res.path))
     for path in sorted(out.glob("*.json")):  # the other studies' rows, reused below
         read_rows(path)
     # the order of the whole study, so that a resumed one keeps it, less the finished runs
@@ -678,10 +702,12 @@ def run_studies(args: argparse.Namespace) -> None:
             for s, res, i in todo:
                 run, cfg = s.runs[i], configs[s.name, i]
                 key = run_key(cfg)
-                # read now: another process may have finished the run meanwhile
+                # read now: another process may have finished the run meanwhile (one measured
+                # otherwise is trained again: its row must measure what this study's rows do)
                 done = [r for p in sorted(out.glob("*.json")) for rows in [read_rows(p)]
                         for r in rows if r["key"] == key and same_machine(
-                            {**r["machine"], "ref_img_s": median_ref(rows)}, machine)]
+                            {**r["machine"], "ref_img_s": median_ref(rows)}, machine)
+                        and measured(r["config"]) == measured(dataclasses.asdict(cfg))]
                 # the same run in another study (the baseline): reuse it under this study's label
                 if done:
                     tqdm.write(f"[{s.name}] {run.label}: same run as "
@@ -780,6 +806,14 @@ def ordered_rows(study: Study, res: Results) -> list[dict[str, Any]]:
     """The study's rows in the order of its runs (those finished)."""
     by_label = {(r["label"], r["seed"]): r for r in res.rows}
     return [by_label[r.label, r.seed] for r in study.runs if (r.label, r.seed) in by_label]
+
+
+def strangers(study: Study, res: Results) -> list[str]:
+    """The rows of a results file that are no run of its study (a run renamed or removed since
+    they were recorded), as "label (seed s)": the tables and plots leave them out."""
+    runs = {(r.label, r.seed) for r in study.runs}
+    return [f"{r['label']!r} (seed {r['seed']})" for r in res.rows
+            if (r["label"], r["seed"]) not in runs]
 
 
 def table(study: Study, res: Results) -> str:
@@ -1024,8 +1058,12 @@ def plot_curves(study: Study, res: Results, path: Path) -> None:
 
 
 def report(study: Study, res: Results, fig_dir: Path) -> None:
-    if not res.rows:
+    left_out = strangers(study, res)
+    if len(left_out) == len(res.rows):  # (--report refuses such a file before writing anything)
         return
+    if left_out:
+        print(f"{res.path}: left out of the table and plots, no run of the {study.name} study "
+              f"(renamed or removed since): {', '.join(left_out)}", file=sys.stderr)
     text = table(study, res)
     print("\n" + text)
     res.table_path.write_text(text)
@@ -1137,6 +1175,11 @@ def report_only(args: argparse.Namespace) -> None:
         if not res.rows:
             raise ValueError(f"{res.path} holds no finished runs: nothing to report")
         check_budget(res.rows, budget, str(res.path))
+        left_out = strangers(STUDIES[name], res)
+        if len(left_out) == len(res.rows):
+            raise ValueError(f"{res.path}: none of its rows is a run of the {name} study "
+                             f"({', '.join(left_out[:4])}: renamed or removed since they were "
+                             f"recorded): nothing to report")
         check_not_folders([res.table_path], "--out")
         check_not_folders(figure_paths(Path(args.fig_dir), STUDIES[name], res), "--fig-dir")
         plans.append((STUDIES[name], res))

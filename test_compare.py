@@ -919,6 +919,68 @@ def test_a_set_of_another_baseline_than_the_rows_fails_before_the_first_run(
     assert fake_training == trained and path.read_bytes() == before
 
 
+def test_a_study_resumed_without_its_measurements_fails_before_the_first_run(
+        data_dir, tmp_path, monkeypatch, fake_training, capsys):
+    """Before: res/two_epochs.json holds baseline rows measured with --set eval_train=20. A rerun
+    that forgets the --set (measure-only: the run keys are the same) used to add rows without a
+    gap curve. After: one line `error:` that names the --set to give, nothing trained, the file
+    as it was; with the --set, the new run trains."""
+    tiny_study(monkeypatch, "two", cc.baseline("base")[:1])
+    compare(tmp_path, data_dir, "eval_train=20", "--study", "two", "--epochs", "1")
+    tiny_study(monkeypatch, "two", [*cc.baseline("base")[:1], cc.Run("lower lr", {"lr": 3e-4})])
+    path = tmp_path / "res" / "two_epochs.json"
+    before, trained = path.read_bytes(), list(fake_training)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        compare(tmp_path, data_dir, "--study", "two", "--epochs", "1")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "one table, one set of measurements" in err
+    assert "`--set eval_train=20`" in err
+    assert fake_training == trained and path.read_bytes() == before
+    compare(tmp_path, data_dir, "eval_train=20", "--study", "two", "--epochs", "1")
+    assert fake_training == [*trained, ("two", "lower lr", 0)]
+    assert [cc.measured(r["config"]) for r in rows(tmp_path, "two")] == [{"eval_train": 20}] * 2
+
+
+def test_a_row_measured_otherwise_is_not_reused_in_another_study(data_dir, tmp_path,
+                                                                  monkeypatch, fake_training):
+    """The same run (one key: eval_train trains nothing) finished in a study without
+    --eval-train is trained again for a study with it, whose rows all carry the gap curve;
+    one measured alike is reused."""
+    tiny_study(monkeypatch, "one", cc.baseline("base")[:1])
+    tiny_study(monkeypatch, "other", cc.baseline("same as base")[:1])
+    tiny_study(monkeypatch, "third", cc.baseline("again")[:1])
+    compare(tmp_path, data_dir, "--study", "one", "--epochs", "1")
+    compare(tmp_path, data_dir, "eval_train=20", "--study", "other", "--epochs", "1")
+    compare(tmp_path, data_dir, "eval_train=20", "--study", "third", "--epochs", "1")
+    assert fake_training == [("one", "base", 0), ("other", "same as base", 0)]
+    assert rows(tmp_path, "one")[0]["key"] == rows(tmp_path, "other")[0]["key"]
+    assert rows(tmp_path, "third")[0]["config"]["eval_train"] == 20
+
+
+def test_report_leaves_out_rows_that_are_no_run_of_the_study(tmp_path, capsys):
+    """A row whose label the study no longer has (a run renamed since) is left out of the table
+    with a line naming it; a file of such rows only is refused (it crashed on an empty table)."""
+    out, base = tmp_path / "res", cc.STUDIES["hour"].runs[0]
+    out.mkdir()
+    keep = {**hand_row(base.label, 60.0, [True] * 8, 0, True), "study": "hour"}
+    gone = {**hand_row("an old name", 50.0, [False] * 8), "study": "hour"}
+    argv = ["--out", str(out), "--fig-dir", str(tmp_path / "fig"), "--study", "hour",
+            "--report", "--budget-min", "4"]
+    (out / "hour.json").write_text(json.dumps({"rows": [gone]}))
+    with pytest.raises(SystemExit):
+        cc.main(argv)
+    assert "none of its rows is a run of the hour study ('an old name' (seed 0)" in (
+        capsys.readouterr().err)
+    assert not (out / "hour.md").exists()
+    (out / "hour.json").write_text(json.dumps({"rows": [keep, gone]}))
+    cc.main(argv)
+    assert "no run of the hour study (renamed or removed since): 'an old name' (seed 0)" in (
+        capsys.readouterr().err)
+    text = (out / "hour.md").read_text()
+    assert f"| {base.label} | 0 | 60.00% |" in text and "an old name" not in text
+
+
 @pytest.mark.parametrize("setting", [{}, {"embed_dim": 64}, {"weight_decay": 0.01}])
 def test_the_runs_of_one_study_share_one_baseline_and_a_vit_only_set_is_another(setting):
     """Every run of a study (the CNN's, which undo ViT-only settings, and the fine-tuned, with
