@@ -36,10 +36,11 @@ more than 10% from the study's first reference speed are flagged in the table, a
 another CPU, device or thread count, or a reference speed 1.5x apart, are refused in one file.
 Each study keeps its rows in OUT/NAME.json,
 one per finished run; rerunning the command skips finished rows, reuses an identical run another
-study has already done on this machine (the baseline), and continues an interrupted run from its
-last.pt. Several commands may run at once into one OUT: each row is added under a lock. The table
-goes to OUT/NAME.md (and the terminal), the plot to FIG_DIR/study_NAME.png, run checkpoints to
-CHECKPOINT_DIR/STUDY/, and every run's line to CHECKPOINT_DIR/STUDY/experiments.csv.
+study has already done on this machine and measured alike (the baseline), and continues an
+interrupted run from its last.pt. Several commands may run at once into one OUT: each row is
+added under a lock. The table goes to OUT/NAME.md (and the terminal), the plot to
+FIG_DIR/study_NAME.png, run checkpoints to CHECKPOINT_DIR/STUDY/, and every run's line to
+CHECKPOINT_DIR/STUDY/experiments.csv.
 
 Outputs: by default OUT is outputs/results and FIG_DIR outputs/figures (not tracked by git), and
 the checkpoints go to checkpoints/compare. The tables and plots of the guide (docs/studies.md),
@@ -404,8 +405,10 @@ class Results:
         self.table_path = out / f"{name}.md"
         self.rows = read_rows(self.path)
 
-    def find(self, key: str) -> dict[str, Any] | None:
-        return next((r for r in self.rows if r["key"] == key), None)
+    def find(self, key: str, label: str) -> dict[str, Any] | None:
+        """The row of a run under its label (a row of the same run under an old label is not
+        this run's: it is reused under the new one)."""
+        return next((r for r in self.rows if r["key"] == key and r["label"] == label), None)
 
     def add(self, row: dict[str, Any], reused: bool = False) -> None:
         """Add a row under the lock, refusing one of another budget, baseline or machine than
@@ -417,9 +420,9 @@ class Results:
             self.rows = read_rows(self.path)  # with the rows other processes added meanwhile
             check_budget(self.rows, row["config"], str(self.path))
             study = STUDIES.get(self.name.removesuffix("_epochs"))
+            check_measures(self.rows, row["config"], str(self.path))
             if study is not None:
                 check_base(self.rows, row["config"], study, str(self.path))
-            check_measures(self.rows, row["config"], str(self.path))
             # a reused row's speed was compared with this machine's when it was chosen; its CPU,
             # device and threads must still be those of the rows here
             check_machine(self.rows, {**row["machine"], "ref_img_s": median_ref(self.rows)}
@@ -492,26 +495,42 @@ def check_base(rows: list[dict[str, Any]], config: dict[str, Any], study: Study,
                 + ": one table, one baseline: use another --out folder")
 
 
-def measured(config: dict[str, Any]) -> dict[str, Any]:
+def measured(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """What a run measures beyond what it trains: its MEASURE_ONLY settings (a row recorded
     before one existed measured its default)."""
-    return {k: {**NEWER_SETTINGS, **config}[k] for k in MEASURE_ONLY}
+    return tuple((k, config.get(k, TrainConfig.__dataclass_fields__[k].default))
+                 for k in MEASURE_ONLY)
+
+
+def measures_text(m: tuple[tuple[str, Any], ...]) -> str:
+    return " ".join(f"{k}={v}" for k, v in m)
 
 
 def check_measures(rows: list[dict[str, Any]], config: dict[str, Any], where: str) -> None:
     """One table, one set of measurements: refuse a run that measures otherwise than the rows
     already there (a study resumed without its `--set eval_train=N` would add rows without the
-    train/validation gap curve, which the gap figure then leaves out without a word)."""
-    ours = measured(config)
+    train/validation gap curve, which the gap figure then leaves out without a word), and a
+    file whose rows already disagree."""
+    kinds: dict[tuple[tuple[str, Any], ...], list[str]] = {}
     for r in rows:
-        theirs = measured(r["config"])
-        if theirs != ours:
-            there = " ".join(f"{k}={v}" for k, v in theirs.items())
-            raise ValueError(
-                f"{where} holds runs measured with {there}; this one measures "
-                + " ".join(f"{k}={v}" for k, v in ours.items())
-                + f": one table, one set of measurements: give the rows' own `--set {there}` "
-                  "(it changes nothing that is trained), or use another --out folder")
+        kinds.setdefault(measured(r["config"]), []).append(f"{r['label']!r} (seed {r['seed']})")
+    if len(kinds) > 1:
+        raise ValueError(f"{where} holds rows measured in different ways ("
+                         + "; ".join(f"{measures_text(m)}: {names(rs)}" for m, rs in kinds.items())
+                         + "): one table, one set of measurements: move one kind of row out of "
+                           "the file (it is JSON), or use another --out folder")
+    ours = measured(config)
+    for theirs in kinds.keys() - {ours}:
+        defaults = dict(measured({}))
+        give = " ".join(f"{k}={v}" for k, v in theirs if v != defaults[k])
+        free = set(MEASURE_ONLY) <= not_trained(config)
+        raise ValueError(
+            f"{where} holds runs measured with {measures_text(theirs)}; this one measures "
+            f"{measures_text(ours)}: one table, one set of measurements: "
+            + (f"give the rows' own `--set {give}`" if give else
+               "leave out the --set of " + ", ".join(k for k, _ in ours))
+            + (" (it changes nothing that is trained)" if free else "")
+            + ", or use another --out folder")
 
 
 def check_machine(rows: list[dict[str, Any]], machine: dict[str, Any], where: str) -> None:
@@ -565,12 +584,17 @@ def check_not_folders(paths: list[Path], option: str) -> None:
 # Running a study
 # --------------------------------------------------------------------------------------------
 
+def run_folder(checkpoint_dir: str, study: str, cfg: TrainConfig) -> Path:
+    """Where a run's checkpoints go (its last.pt lets an interrupted run continue)."""
+    return Path(checkpoint_dir) / study / f"{study}-{run_key(cfg)}"
+
+
 def train_run(study: str, run: Run, cfg: TrainConfig, args: argparse.Namespace,
               data: ImageData, rows: list[dict[str, Any]], ref: float) -> Path:
     """Train one run with train_cifar10.train (continuing its last.pt if it was interrupted). A
     run fine-tuned from another run of the study (--init run:LABEL) starts from that run's
     best.pt, found among the study's finished `rows`."""
-    run_dir = Path(args.checkpoint_dir) / study / f"{study}-{run_key(cfg)}"
+    run_dir = run_folder(args.checkpoint_dir, study, cfg)
     last = run_dir / "last.pt"
     if last.is_file():
         tqdm.write(f"continuing {run.label!r} from {last}")
@@ -673,15 +697,21 @@ def run_studies(args: argparse.Namespace) -> None:
         check_not_folders(figure_paths(Path(args.fig_dir), s, res), "--fig-dir")
         check_budget(res.rows, budget, str(res.path))
         for i, _ in enumerate(s.runs):  # a --set other than the rows' fails now, not after a run
-            check_base(res.rows, dataclasses.asdict(configs[s.name, i]), s, str(res.path))
             check_measures(res.rows, dataclasses.asdict(configs[s.name, i]), str(res.path))
+            check_base(res.rows, dataclasses.asdict(configs[s.name, i]), s, str(res.path))
     for path in sorted(out.glob("*.json")):  # the other studies' rows, reused below
         read_rows(path)
     # the order of the whole study, so that a resumed one keeps it, less the finished runs
     todo = [t for t in interleaved([(s, res, i) for s, res in plans for i, _ in enumerate(s.runs)],
                                    lambda t: t[0].runs[t[2]].baseline,
                                    lambda t: run_key(configs[t[0].name, t[2]]))
-            if t[1].find(run_key(configs[t[0].name, t[2]])) is None]
+            if t[1].find(run_key(configs[t[0].name, t[2]]), t[0].runs[t[2]].label) is None]
+    for s, _, i in todo:  # an interrupted run continues measuring what it measured
+        last = run_folder(args.checkpoint_dir, s.name, configs[s.name, i]) / "last.pt"
+        if last.is_file():
+            started = load_checkpoint(last, required=("config",), mmap=True)["config"]
+            check_measures([{"config": started, "label": s.runs[i].label, "seed": s.runs[i].seed}],
+                           dataclasses.asdict(configs[s.name, i]), f"{last} (interrupted)")
     ref = reference_speed()
     device = base.get("device", "auto")
     machine = {"cpu": cpu_name(), "ref_img_s": round(ref, 1), "torch": torch.__version__,
@@ -704,10 +734,15 @@ def run_studies(args: argparse.Namespace) -> None:
                 key = run_key(cfg)
                 # read now: another process may have finished the run meanwhile (one measured
                 # otherwise is trained again: its row must measure what this study's rows do)
-                done = [r for p in sorted(out.glob("*.json")) for rows in [read_rows(p)]
+                same = [r for p in sorted(out.glob("*.json")) for rows in [read_rows(p)]
                         for r in rows if r["key"] == key and same_machine(
-                            {**r["machine"], "ref_img_s": median_ref(rows)}, machine)
-                        and measured(r["config"]) == measured(dataclasses.asdict(cfg))]
+                            {**r["machine"], "ref_img_s": median_ref(rows)}, machine)]
+                done = [r for r in same
+                        if measured(r["config"]) == measured(dataclasses.asdict(cfg))]
+                if same and not done:
+                    tqdm.write(f"[{s.name}] {run.label}: same run as {same[0]['study']}/"
+                               f"{same[0]['label']!r}, but measured with "
+                               f"{measures_text(measured(same[0]['config']))}: trained again")
                 # the same run in another study (the baseline): reuse it under this study's label
                 if done:
                     tqdm.write(f"[{s.name}] {run.label}: same run as "
@@ -806,6 +841,18 @@ def ordered_rows(study: Study, res: Results) -> list[dict[str, Any]]:
     """The study's rows in the order of its runs (those finished)."""
     by_label = {(r["label"], r["seed"]): r for r in res.rows}
     return [by_label[r.label, r.seed] for r in study.runs if (r.label, r.seed) in by_label]
+
+
+def names(items: list[str], most: int = 4) -> str:
+    """A list for a message: the first few, and how many more."""
+    more = len(items) - most
+    return ", ".join(items[:most]) + (f" and {more} more" if more > 0 else "")
+
+
+STRANGER_FIX = ("no run of the {study} study now (`python compare_configs.py --list`): renamed "
+                "or removed since they were recorded. To bring a renamed run's row back, rerun "
+                "the study's command: a run whose settings are unchanged is reused under its "
+                "new label, not trained again")
 
 
 def strangers(study: Study, res: Results) -> list[str]:
@@ -1017,8 +1064,8 @@ def has_gap_curve(row: dict[str, Any]) -> bool:
     return any("train_eval_acc" in h for h in row.get("curve", []))
 
 
-def has_gap_curves(res: Results) -> bool:
-    return any(has_gap_curve(r) for r in res.rows)
+def has_gap_curves(study: Study, res: Results) -> bool:
+    return any(has_gap_curve(r) for r in ordered_rows(study, res))
 
 
 def plot_curves(study: Study, res: Results, path: Path) -> None:
@@ -1058,26 +1105,36 @@ def plot_curves(study: Study, res: Results, path: Path) -> None:
 
 
 def report(study: Study, res: Results, fig_dir: Path) -> None:
+    if not res.rows:
+        return
     left_out = strangers(study, res)
+    if left_out:
+        print(f"{res.path}: left out of the table and plots: {names(left_out)}, "
+              f"{STRANGER_FIX.format(study=study.name)}", file=sys.stderr)
     if len(left_out) == len(res.rows):  # (--report refuses such a file before writing anything)
         return
-    if left_out:
-        print(f"{res.path}: left out of the table and plots, no run of the {study.name} study "
-              f"(renamed or removed since): {', '.join(left_out)}", file=sys.stderr)
     text = table(study, res)
     print("\n" + text)
     res.table_path.write_text(text)
-    plot(study, res, plot_path(fig_dir, res.name))
-    print(f"table {res.table_path}, plot {plot_path(fig_dir, res.name)}")
-    if has_gap_curves(res):
-        curves = plot_path(fig_dir, f"{res.name}_curves")
-        plot_curves(study, res, curves)
-        print(f"train/validation gap: {curves}")
+    print(f"table {res.table_path}, plots " + ", ".join(map(str, draw(study, res, fig_dir))))
+
+
+def draw(study: Study, res: Results, fig_dir: Path) -> list[Path]:
+    """Every plot of a study's results file, from its rows of the study's runs: the accuracies,
+    the train/validation gap (rows trained with --eval-train), and both budgets side by side
+    (when the other budget's file has rows too). Returns the files written."""
+    if not ordered_rows(study, res):
+        return []
+    written = [plot_path(fig_dir, res.name)]
+    plot(study, res, written[-1])
+    if has_gap_curves(study, res):
+        written.append(plot_path(fig_dir, f"{res.name}_curves"))
+        plot_curves(study, res, written[-1])
     timed, epochs = (Results(res.path.parent, n) for n in (study.name, f"{study.name}_epochs"))
-    if timed.rows and epochs.rows and study.plot == "bars":
-        views = plot_path(fig_dir, f"{study.name}_views")
-        plot_views(study, timed, epochs, views)
-        print(f"both views: {views}")
+    if ordered_rows(study, timed) and ordered_rows(study, epochs) and study.plot == "bars":
+        written.append(plot_path(fig_dir, f"{study.name}_views"))
+        plot_views(study, timed, epochs, written[-1])
+    return written
 
 
 # --------------------------------------------------------------------------------------------
@@ -1177,9 +1234,9 @@ def report_only(args: argparse.Namespace) -> None:
         check_budget(res.rows, budget, str(res.path))
         left_out = strangers(STUDIES[name], res)
         if len(left_out) == len(res.rows):
-            raise ValueError(f"{res.path}: none of its rows is a run of the {name} study "
-                             f"({', '.join(left_out[:4])}: renamed or removed since they were "
-                             f"recorded): nothing to report")
+            raise ValueError(f"{res.path}: nothing to report, none of its rows is a run of the "
+                             f"study now: {names(left_out)}, "
+                             f"{STRANGER_FIX.format(study=name)}")
         check_not_folders([res.table_path], "--out")
         check_not_folders(figure_paths(Path(args.fig_dir), STUDIES[name], res), "--fig-dir")
         plans.append((STUDIES[name], res))

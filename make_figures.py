@@ -102,17 +102,7 @@ def make_all(args: argparse.Namespace) -> list[Path]:
                         SHIPPED_MODEL, png=png)
     written.append(png)
     for study, res in studies:  # the plots only: the tables in results/ stay as they are
-        if not res.rows:
-            continue
-        written.append(cc.plot_path(out, res.name))
-        cc.plot(study, res, written[-1])
-        epochs = cc.Results(res.path.parent, f"{study.name}_epochs")
-        if res.name == study.name and epochs.rows and study.plot == "bars":
-            written.append(cc.plot_path(out, f"{study.name}_views"))
-            cc.plot_views(study, res, epochs, written[-1])
-        if cc.has_gap_curves(res):
-            written.append(cc.plot_path(out, f"{res.name}_curves"))
-            cc.plot_curves(study, res, written[-1])
+        written += [p for p in cc.draw(study, res, out) if p not in written]  # (views: listed once)
     if no_browser:
         print(f"explorer.png left out: {no_browser}")
     else:

@@ -939,7 +939,42 @@ def test_a_study_resumed_without_its_measurements_fails_before_the_first_run(
     assert fake_training == trained and path.read_bytes() == before
     compare(tmp_path, data_dir, "eval_train=20", "--study", "two", "--epochs", "1")
     assert fake_training == [*trained, ("two", "lower lr", 0)]
-    assert [cc.measured(r["config"]) for r in rows(tmp_path, "two")] == [{"eval_train": 20}] * 2
+    assert [cc.measured(r["config"]) for r in rows(tmp_path, "two")] == [(("eval_train", 20),)] * 2
+
+
+def test_an_interrupted_run_continues_only_with_the_measurements_it_started_with(
+        data_dir, tmp_path, monkeypatch, fake_training, capsys):
+    """No row yet, but the first run was interrupted with --set eval_train=20 (its last.pt
+    says so): a rerun without the --set is refused before training (it would continue the run
+    and record a row with eval_train=0 over a curve that has the gap for its first epochs)."""
+    tiny_study(monkeypatch, "two", cc.baseline("base")[:1])
+    cfg = cc.run_config(cc.STUDIES["two"].runs[0], {"time_budget": 0.0, "epochs": 1},
+                        {**cc.BASE, **cc.parse_settings(SMALL)})
+    last = cc.run_folder(str(tmp_path / "ck"), "two", cfg) / "last.pt"
+    last.parent.mkdir(parents=True)
+    torch.save({"config": dataclasses.asdict(cfg.replace(eval_train=20))}, last)
+    with pytest.raises(SystemExit) as e:
+        compare(tmp_path, data_dir, "--study", "two", "--epochs", "1")
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "last.pt (interrupted) holds runs measured with eval_train=20" in err
+    assert fake_training == []
+    compare(tmp_path, data_dir, "eval_train=20", "--study", "two", "--epochs", "1")
+    assert fake_training == [("two", "base", 0)]
+
+
+def test_a_file_whose_rows_measure_in_different_ways_is_named_as_such():
+    """Rows added before the check existed may disagree among themselves: the message says so
+    (a `--set` matching one of them would not help) instead of naming one row's setting."""
+    plain, measuring = a_row("plain"), a_row("measuring", lr=3e-4)
+    measuring["config"]["eval_train"] = 20
+    with pytest.raises(ValueError, match=r"measured in different ways \(eval_train=0: 'plain' "
+                                         r"\(seed 0\); eval_train=20: 'measuring' \(seed 0\)\)"):
+        cc.check_measures([plain, measuring], plain["config"], "s.json")
+    del plain["config"]["eval_train"]  # a row from before the setting: measured the default
+    cc.check_measures([plain], {**plain["config"], "eval_train": 0}, "s.json")
+    with pytest.raises(ValueError, match=r"leave out the --set of eval_train"):
+        cc.check_measures([plain], {**plain["config"], "eval_train": 20}, "s.json")
 
 
 def test_a_row_measured_otherwise_is_not_reused_in_another_study(data_dir, tmp_path,
@@ -970,15 +1005,37 @@ def test_report_leaves_out_rows_that_are_no_run_of_the_study(tmp_path, capsys):
     (out / "hour.json").write_text(json.dumps({"rows": [gone]}))
     with pytest.raises(SystemExit):
         cc.main(argv)
-    assert "none of its rows is a run of the hour study ('an old name' (seed 0)" in (
-        capsys.readouterr().err)
+    assert ("none of its rows is a run of the study now: 'an old name' (seed 0), no run of the "
+            "hour study now") in capsys.readouterr().err
     assert not (out / "hour.md").exists()
     (out / "hour.json").write_text(json.dumps({"rows": [keep, gone]}))
+    (out / "hour_epochs.json").write_text(json.dumps({"rows": [gone]}))  # the other budget's
     cc.main(argv)
-    assert "no run of the hour study (renamed or removed since): 'an old name' (seed 0)" in (
-        capsys.readouterr().err)
+    assert ("left out of the table and plots: 'an old name' (seed 0), no run of the hour study "
+            "now") in capsys.readouterr().err
     text = (out / "hour.md").read_text()
     assert f"| {base.label} | 0 | 60.00% |" in text and "an old name" not in text
+    # no views plot beside a file without rows of the study (it crashed on an empty plot)
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["study_hour.png"]
+
+
+def test_a_renamed_run_gets_its_row_back_under_its_new_label_without_training(
+        data_dir, tmp_path, monkeypatch, fake_training, capsys):
+    """A run renamed in the study (same settings, so the same key) was counted as finished
+    while the table left its row out as no run of the study: now its row is reused under the
+    new label, and the old one is named as left out."""
+    tiny_study(monkeypatch, "s", [*cc.baseline("base")[:1], cc.Run("lr", {"lr": 3e-4})])
+    compare(tmp_path, data_dir, "--study", "s", "--epochs", "1")
+    trained = list(fake_training)
+    tiny_study(monkeypatch, "s", [*cc.baseline("base")[:1], cc.Run("lower lr", {"lr": 3e-4})])
+    compare(tmp_path, data_dir, "--study", "s", "--epochs", "1")
+    out = capsys.readouterr()
+    assert fake_training == trained and "same run as s/'lr', reused" in out.out
+    assert "left out of the table and plots: 'lr' (seed 0)" in out.err
+    got = {r["label"]: r for r in rows(tmp_path, "s")}
+    assert got["lower lr"]["key"] == got["lr"]["key"]
+    assert got["lower lr"]["val_acc"] == got["lr"]["val_acc"]
+    assert "| lower lr |" in (tmp_path / "res" / "s_epochs.md").read_text()
 
 
 @pytest.mark.parametrize("setting", [{}, {"embed_dim": 64}, {"weight_decay": 0.01}])
