@@ -928,17 +928,17 @@ def table(study: Study, res: Results) -> str:
             "配对检验：与同一种子的基线在同样的验证图像上逐张比较对错"
             "（McNemar 精确检验），只反映验证集的抽样，不含种子间的波动。")
     days = [r["started"][:10] for r in rows]
+    flagged = any(abs(r / ref0 - 1) > DRIFT for r in refs)
     span = f"{min(refs):.0f}" + (f"-{max(refs):.0f}" if max(refs) > min(refs) else "")
     budget_line = (
         "预算：每次运行 " + (f"{cfg['time_budget']:g} 分钟" if cfg["time_budget"]
                             else f"{cfg['epochs']} 个 epoch")
-        + (" 的训练时间（评估和保存不计时）" if cfg["time_budget"] else "")
+        + ("的训练时间（评估和保存不计时）" if cfg["time_budget"] else "")
         + f"；warmup 占 {cfg['warmup_frac']:.0%}，"
         f"最后 {vit['full_token_frac']:.0%} 不用 patch dropout（ViT）。"
-        f"机器：{first['machine']['cpu']}，参照速度 {span} img/s"
-        "（`python benchmark.py model`）；"
-        f"⚠：与本研究第一次运行（{ref0:.0f}）相差超过 {DRIFT:.0%}。"
-        f"运行于 {' 至 '.join(sorted({min(days), max(days)}))}。")
+        f"机器：{first['machine']['cpu']}，参照速度 {span} img/s（`python benchmark.py model`）"
+        + (f"；⚠：与本研究第一次运行（{ref0:.0f}）相差超过 {DRIFT:.0%}。" if flagged else "。")
+        + f"运行于 {' 至 '.join(sorted({min(days), max(days)}))}。")
     if groups and nz["k"] >= 2:
         noise_text += ("“均值”一行：一个改动的 m 个种子的平均，它与基线均值之差的噪声取 "
                        "σ_m = √(s²(1/m + 1/k) + se²)（种子间的波动被平均；"
