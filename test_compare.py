@@ -412,6 +412,10 @@ def test_rows_measured_far_from_the_first_reference_speed_are_flagged():
     lines = [line for line in cc.table(study, res).splitlines() if line.startswith("| base")]
     flagged = [line.endswith(f" ⚠ | 01-01 1{h}:00 |") for line, h in zip(lines, "012", strict=True)]
     assert flagged == [False, True, True]  # +12.5% and -12.5% from the first run's 400 img/s
+    assert "⚠：与本研究第一次运行（400）相差超过 10%" in cc.table(study, res)
+    res.rows = rows[:1] + [hand_row("base", 60.0, right, 1, True, 430.0)]  # +7.5%: no flag
+    text = cc.table(study, res)
+    assert "⚠" not in text and "img/s（`python benchmark.py model`）。运行于" in text
 
 
 def test_the_baseline_seeds_are_interleaved_with_the_variants():
