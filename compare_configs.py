@@ -516,11 +516,11 @@ def check_measures(rows: list[dict[str, Any]], config: dict[str, Any], where: st
         kinds.setdefault(measured(r["config"]), []).append(f"{r['label']!r} (seed {r['seed']})")
     if len(kinds) > 1:
         raise ValueError(f"{where} holds rows measured in different ways ("
-                         + "; ".join(f"{measures_text(m)}: {names(rs)}" for m, rs in kinds.items())
+                         + "; ".join(f"{measures_text(m)}: {listed(rs)}" for m, rs in kinds.items())
                          + "): one table, one set of measurements: move one kind of row out of "
                            "the file (it is JSON), or use another --out folder")
-    ours = measured(config)
-    for theirs in kinds.keys() - {ours}:
+    ours, theirs = measured(config), next(iter(kinds), measured(config))
+    if theirs != ours:
         defaults = dict(measured({}))
         give = " ".join(f"{k}={v}" for k, v in theirs if v != defaults[k])
         free = set(MEASURE_ONLY) <= not_trained(config)
@@ -737,8 +737,8 @@ def run_studies(args: argparse.Namespace) -> None:
                 same = [r for p in sorted(out.glob("*.json")) for rows in [read_rows(p)]
                         for r in rows if r["key"] == key and same_machine(
                             {**r["machine"], "ref_img_s": median_ref(rows)}, machine)]
-                done = [r for r in same
-                        if measured(r["config"]) == measured(dataclasses.asdict(cfg))]
+                ours = measured(dataclasses.asdict(cfg))
+                done = [r for r in same if measured(r["config"]) == ours]
                 if same and not done:
                     tqdm.write(f"[{s.name}] {run.label}: same run as {same[0]['study']}/"
                                f"{same[0]['label']!r}, but measured with "
@@ -843,7 +843,7 @@ def ordered_rows(study: Study, res: Results) -> list[dict[str, Any]]:
     return [by_label[r.label, r.seed] for r in study.runs if (r.label, r.seed) in by_label]
 
 
-def names(items: list[str], most: int = 4) -> str:
+def listed(items: list[str], most: int = 4) -> str:
     """A list for a message: the first few, and how many more."""
     more = len(items) - most
     return ", ".join(items[:most]) + (f" and {more} more" if more > 0 else "")
@@ -1109,7 +1109,7 @@ def report(study: Study, res: Results, fig_dir: Path) -> None:
         return
     left_out = strangers(study, res)
     if left_out:
-        print(f"{res.path}: left out of the table and plots: {names(left_out)}, "
+        print(f"{res.path}: left out of the table and plots: {listed(left_out)}, "
               f"{STRANGER_FIX.format(study=study.name)}", file=sys.stderr)
     if len(left_out) == len(res.rows):  # (--report refuses such a file before writing anything)
         return
@@ -1119,10 +1119,10 @@ def report(study: Study, res: Results, fig_dir: Path) -> None:
     print(f"table {res.table_path}, plots " + ", ".join(map(str, draw(study, res, fig_dir))))
 
 
-def draw(study: Study, res: Results, fig_dir: Path) -> list[Path]:
+def draw(study: Study, res: Results, fig_dir: Path, views: bool = True) -> list[Path]:
     """Every plot of a study's results file, from its rows of the study's runs: the accuracies,
     the train/validation gap (rows trained with --eval-train), and both budgets side by side
-    (when the other budget's file has rows too). Returns the files written."""
+    (with `views`, when the other budget's file has rows too). Returns the files written."""
     if not ordered_rows(study, res):
         return []
     written = [plot_path(fig_dir, res.name)]
@@ -1131,7 +1131,8 @@ def draw(study: Study, res: Results, fig_dir: Path) -> list[Path]:
         written.append(plot_path(fig_dir, f"{res.name}_curves"))
         plot_curves(study, res, written[-1])
     timed, epochs = (Results(res.path.parent, n) for n in (study.name, f"{study.name}_epochs"))
-    if ordered_rows(study, timed) and ordered_rows(study, epochs) and study.plot == "bars":
+    if views and ordered_rows(study, timed) and ordered_rows(study, epochs) and (
+            study.plot == "bars"):
         written.append(plot_path(fig_dir, f"{study.name}_views"))
         plot_views(study, timed, epochs, written[-1])
     return written
@@ -1235,7 +1236,7 @@ def report_only(args: argparse.Namespace) -> None:
         left_out = strangers(STUDIES[name], res)
         if len(left_out) == len(res.rows):
             raise ValueError(f"{res.path}: nothing to report, none of its rows is a run of the "
-                             f"study now: {names(left_out)}, "
+                             f"study now: {listed(left_out)}, "
                              f"{STRANGER_FIX.format(study=name)}")
         check_not_folders([res.table_path], "--out")
         check_not_folders(figure_paths(Path(args.fig_dir), STUDIES[name], res), "--fig-dir")

@@ -102,7 +102,7 @@ def make_all(args: argparse.Namespace) -> list[Path]:
                         SHIPPED_MODEL, png=png)
     written.append(png)
     for study, res in studies:  # the plots only: the tables in results/ stay as they are
-        written += [p for p in cc.draw(study, res, out) if p not in written]  # (views: listed once)
+        written += cc.draw(study, res, out, views=res.name == study.name)  # views: once a study
     if no_browser:
         print(f"explorer.png left out: {no_browser}")
     else:
