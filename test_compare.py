@@ -982,7 +982,8 @@ def test_a_file_whose_rows_measure_in_different_ways_is_named_as_such():
 
 
 def test_a_row_measured_otherwise_is_not_reused_in_another_study(data_dir, tmp_path,
-                                                                  monkeypatch, fake_training):
+                                                                  monkeypatch, fake_training,
+                                                                  capsys):
     """The same run (one key: eval_train trains nothing) finished in a study without
     --eval-train is trained again for a study with it, whose rows all carry the gap curve;
     one measured alike is reused."""
@@ -993,6 +994,9 @@ def test_a_row_measured_otherwise_is_not_reused_in_another_study(data_dir, tmp_p
     compare(tmp_path, data_dir, "eval_train=20", "--study", "other", "--epochs", "1")
     compare(tmp_path, data_dir, "eval_train=20", "--study", "third", "--epochs", "1")
     assert fake_training == [("one", "base", 0), ("other", "same as base", 0)]
+    out = capsys.readouterr().out
+    assert "same run as one/'base', but measured with eval_train=0: trained again" in out
+    assert "[third] again: same run as other/'same as base', reused" in out
     assert rows(tmp_path, "one")[0]["key"] == rows(tmp_path, "other")[0]["key"]
     assert rows(tmp_path, "third")[0]["config"]["eval_train"] == 20
 
