@@ -522,7 +522,7 @@ def check_measures(rows: list[dict[str, Any]], config: dict[str, Any], where: st
     ours, theirs = measured(config), next(iter(kinds), measured(config))
     if theirs != ours:
         defaults = dict(measured({}))
-        give = " ".join(f"{k}={v}" for k, v in theirs if v != defaults[k])
+        give = measures_text(tuple((k, v) for k, v in theirs if v != defaults[k]))
         free = set(MEASURE_ONLY) <= not_trained(config)
         raise ValueError(
             f"{where} holds runs measured with {measures_text(theirs)}; this one measures "
